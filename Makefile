@@ -1,0 +1,28 @@
+# `make demo`: set everything up and run the main job on the built-in Shapes data.
+# `make test`: set everything up and run the test suite.
+# TORCH pins the versions the project is tested with; override it for another platform,
+# e.g. `make test TORCH="torch torchvision"`.
+PYTHON ?= python3
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test demo clean
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install $(TORCH) -r requirements.txt "pytest>=7"
+	$(BIN)/python -m pip install --no-deps -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	$(BIN)/python -m afan.demo
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,41 @@
+"""afan: adversarial feature augmentation and normalization (A-FAN) with auxiliary
+adversarial BatchNorm (AdvProp), for any PyTorch vision model.
+
+The method in five calls::
+
+    h = head(x)                                            # clean feature
+    with afan.frozen_bn_stats(model):                      # attack leaves BN stats alone
+        h_adv = afan.feature_pgd(h, lambda f: loss(tail(f), y), steps=5, step_size=0.5 / 255)
+    feats = afan.interpolate(h, h_adv, n=2)                # several strengths
+    feats = afan.mix_by_mask(h, feats, "01")               # adversarial feature normalization
+    with afan.use_aux_bn(model):                           # auxiliary BN for adversarial passes
+        loss_adv = sum(loss(tail(f), y) for f in feats)
+"""
+from .input_norm import Normalize
+from .norm import (
+    AuxBatchNorm2d,
+    convert_aux_bn,
+    frozen_bn_stats,
+    mix_by_mask,
+    mix_statistics,
+    strip_aux_bn,
+    strip_aux_state_dict,
+    use_aux_bn,
+)
+from .perturb import feature_pgd, interpolate
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AuxBatchNorm2d",
+    "Normalize",
+    "convert_aux_bn",
+    "feature_pgd",
+    "frozen_bn_stats",
+    "interpolate",
+    "mix_by_mask",
+    "mix_statistics",
+    "strip_aux_bn",
+    "strip_aux_state_dict",
+    "use_aux_bn",
+]

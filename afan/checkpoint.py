@@ -1,0 +1,103 @@
+"""Checkpoints that survive crashes and cannot run code when loaded.
+
+Writing goes to a temporary file next to the target which then replaces it in one step, so a
+crash leaves either the old file or the new one, never half a file. Loading always uses
+``torch.load(weights_only=True)``: tensors, numbers, strings and plain containers only, so a
+crafted file cannot execute code; every failure becomes a CheckpointError naming the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded; the message names the file and the reason."""
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode: str = "wb", **open_kwargs):
+    """Open a temporary file that replaces ``path`` only when the ``with`` block succeeds.
+
+    The data is flushed to disk before the rename and the folder entry after it, so even a
+    power cut leaves the old or the new content at ``path``. On error the temporary file is
+    removed and ``path`` is untouched. Parent folders are created.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Same folder, so os.replace is a rename on one file system and therefore atomic.
+    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(temporary, mode, **open_kwargs) as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename itself durable; skipped where folders cannot be opened (Windows)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:  # some file systems do not support syncing a folder
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def save_checkpoint(obj, path) -> None:
+    """``torch.save`` ``obj`` to ``path`` atomically.
+
+    Keep ``obj`` to tensors, numbers, strings and containers (state_dicts, epoch, RNG state):
+    anything else would be refused by load_checkpoint.
+    """
+    with atomic_open(path, "wb") as file:
+        torch.save(obj, file)
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Load a checkpoint dict saved by torch.save, refusing anything that would run code."""
+    path = Path(path)
+    if not path.is_file():
+        reason = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise CheckpointError(f"checkpoint {path} {reason}; check the path")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        needed = re.search(r"GLOBAL (\S+) was not an allowed global", str(error))
+        detail = f" (it asks for {needed.group(1)})" if needed else ""
+        raise CheckpointError(
+            f"refused to load checkpoint {path}: it holds more than tensors and plain Python "
+            f"values, and unpickling it would execute code from the file{detail}. It was not "
+            "loaded. Use only checkpoints from sources you trust; re-save a trusted one as "
+            "plain state_dicts to load it here."
+        ) from None
+    # torch reports damaged files in many ways (RuntimeError from the zip reader, EOFError,
+    # KeyError for text files, ...), so anything it raises here means "cannot read this file".
+    except Exception as error:
+        raise CheckpointError(
+            f"cannot load checkpoint {path}: the file may be truncated, corrupt or not a "
+            f"PyTorch checkpoint ({type(error).__name__}: {error})"
+        ) from error
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(
+            f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict; "
+            "save checkpoints as dicts, e.g. {'model': model.state_dict(), 'epoch': epoch}"
+        )
+    return checkpoint

@@ -1,0 +1,179 @@
+"""The run folder: its guarded creation, the metrics CSV with its plot, and progress bars.
+
+A run folder holds ``config.yaml`` (the resolved config), ``metrics.csv``, ``last.pth`` and
+``best.pth``. An existing run is never overwritten by accident: the user has to say
+``--resume`` to continue it or ``--overwrite`` to start again.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+from pathlib import Path
+
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+from afan.checkpoint import atomic_open
+from afan.config import save_config
+
+CONFIG_NAME = "config.yaml"
+
+
+class RunDir:
+    """The folder of one run; create it on the main process only."""
+
+    def __init__(self, path, *, resume: bool = False, overwrite: bool = False):
+        if resume and overwrite:
+            raise ValueError("--resume and --overwrite contradict each other; pass only one")
+        self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise FileExistsError(f"{self.path} is a file, not a run folder; choose another output folder")
+        in_use = self.path.is_dir() and any(self.path.iterdir())
+        if resume and not in_use:
+            state = "is empty" if self.path.is_dir() else "does not exist"
+            raise FileNotFoundError(
+                f"cannot resume: run folder {self.path} {state}; start a new run without --resume"
+            )
+        if in_use and not resume:
+            if not overwrite:
+                raise FileExistsError(
+                    f"run folder {self.path} already exists and is not empty (nothing in it was "
+                    "touched); pass --resume to continue that run or --overwrite to start it again"
+                )
+            # Deleting is only safe for a folder this module made: guards against
+            # `--out . --overwrite` or a parent folder of many runs.
+            if not (self.path / CONFIG_NAME).is_file():
+                raise FileExistsError(
+                    f"refusing to --overwrite {self.path}: it has no {CONFIG_NAME}, so it does not "
+                    "look like a run folder; choose another output folder or delete it yourself"
+                )
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.metrics = MetricsLog(self.path / "metrics.csv")
+
+    def file(self, name: str) -> Path:
+        """The path of ``name`` inside the run folder."""
+        return self.path / name
+
+    @property
+    def last_checkpoint(self) -> Path:
+        """Written every epoch; what --resume continues from."""
+        return self.path / "last.pth"
+
+    @property
+    def best_checkpoint(self) -> Path:
+        """The model that scored best on validation so far."""
+        return self.path / "best.pth"
+
+    def save_config(self, cfg) -> Path:
+        """Write the resolved config to ``config.yaml`` in the run folder."""
+        path = self.path / CONFIG_NAME
+        save_config(cfg, path)
+        return path
+
+
+class MetricsLog:
+    """A CSV of metrics, one row per :meth:`log` call, that grows a column when a new key appears."""
+
+    def __init__(self, csv_path):
+        self.path = Path(csv_path)
+        self.columns: list[str] = []
+        if self.path.is_file():  # resuming: keep appending under the existing header
+            with open(self.path, newline="", encoding="utf-8") as file:
+                self.columns = next(csv.reader(file), [])
+
+    def log(self, **row) -> None:
+        """Append one row, e.g. ``log(epoch=3, train_loss=0.41, val_acc=88.2)``."""
+        row = {key: value.item() if hasattr(value, "item") else value for key, value in row.items()}
+        new_columns = [key for key in row if key not in self.columns]
+        if new_columns:  # the header must change, so the file is written again in full
+            rows = self._read_text_rows()
+            self.columns += new_columns
+            self._write(rows + [row])
+        else:
+            with open(self.path, "a", newline="", encoding="utf-8") as file:
+                self._writer(file).writerow(row)
+
+    def rows(self) -> list[dict]:
+        """The logged rows, with numbers parsed and missing values as None."""
+        return [{key: _parse(text) for key, text in row.items()} for row in self._read_text_rows()]
+
+    def truncate_after(self, key: str, value) -> int:
+        """Drop rows whose ``key`` is greater than ``value`` (e.g. epochs after the resume point).
+
+        Returns how many rows were dropped.
+        """
+        rows = self._read_text_rows()
+        kept = [row for row in rows if _parse(row.get(key)) is None or _parse(row.get(key)) <= value]
+        if len(kept) < len(rows):
+            self._write(kept)
+        return len(rows) - len(kept)
+
+    def plot(self, png_path, x: str = "epoch") -> Path:
+        """Save a PNG with one panel per numeric column against column ``x``."""
+        rows = self.rows()
+        if x not in self.columns:
+            raise ValueError(f"cannot plot {self.path}: no column {x!r} (columns: {', '.join(self.columns)})")
+        metrics = [name for name in self.columns if name != x and _is_numeric(rows, name)]
+        if not metrics:
+            raise ValueError(f"cannot plot {self.path}: no numeric columns besides {x!r}")
+        ncols = min(3, len(metrics))
+        nrows = math.ceil(len(metrics) / ncols)
+        # A bare Figure draws with Agg: no display is needed and pyplot's global state is untouched.
+        figure = Figure(figsize=(4 * ncols, 3 * nrows), layout="constrained")
+        axes = list(figure.subplots(nrows, ncols, squeeze=False).flat)
+        for ax, name in zip(axes, metrics):
+            points = [(row[x], row[name]) for row in rows if row[x] is not None and row[name] is not None]
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker=".")
+            ax.set_title(name)
+            ax.set_xlabel(x)
+            ax.grid(alpha=0.3)
+        for ax in axes[len(metrics) :]:  # the panels left over in the last row of the grid
+            ax.set_visible(False)
+        with atomic_open(png_path, "wb") as file:
+            figure.savefig(file, format="png", dpi=100)
+        return Path(png_path)
+
+    def _writer(self, file) -> csv.DictWriter:
+        return csv.DictWriter(file, fieldnames=self.columns, restval="", lineterminator="\n")
+
+    def _read_text_rows(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        with open(self.path, newline="", encoding="utf-8") as file:
+            return list(csv.DictReader(file))
+
+    def _write(self, rows: list[dict]) -> None:
+        # Atomic, so a crash while the header widens cannot lose the rows already logged.
+        with atomic_open(self.path, "w", newline="", encoding="utf-8") as file:
+            writer = self._writer(file)
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def _parse(text):
+    """A CSV cell back as int, float or str; an empty cell as None."""
+    if text is None or text == "":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _is_numeric(rows: list[dict], name: str) -> bool:
+    values = [row[name] for row in rows if row[name] is not None]
+    return bool(values) and all(isinstance(value, (int, float)) for value in values)
+
+
+def progress(iterable=None, *, total=None, desc=None, disable=None, **kwargs):
+    """A tqdm progress bar; pass ``disable=True`` on processes that should stay quiet (rank > 0).
+
+    ``disable=None`` keeps tqdm's default: no bar when the output is not a terminal.
+    """
+    kwargs.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, total=total, desc=desc, disable=disable, **kwargs)

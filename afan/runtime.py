@@ -1,0 +1,103 @@
+"""Device choice and random seeding: chosen explicitly, and restorable for an exact resume."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+
+import numpy as np
+import torch
+
+_DEVICE_FORMS = "'auto', 'cpu', 'cuda' or 'cuda:N' (N = GPU index)"
+
+
+def select_device(spec: str = "auto") -> torch.device:
+    """The torch.device for a config's ``device`` setting; "auto" takes a GPU when there is one."""
+    text = str(spec).strip().lower()
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if text == "cpu":
+        return torch.device("cpu")
+    match = re.fullmatch(r"cuda(?::(\d+))?", text)
+    if match is None:
+        raise ValueError(f"unknown device {spec!r}: use {_DEVICE_FORMS}")
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"device={text} was asked for, but CUDA is not available here (this PyTorch build: "
+            f"{torch.__version__}); use device=cpu, or device=auto to take a GPU only when present"
+        )
+    count = torch.cuda.device_count()
+    if match.group(1) is not None and int(match.group(1)) >= count:
+        raise ValueError(
+            f"device={text} was asked for, but only {count} GPU(s) are visible "
+            f"(cuda:0 to cuda:{count - 1}); pick one of those, or use device=auto"
+        )
+    return torch.device(text)
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed python, numpy and torch (CPU and every GPU), and set the cuDNN/determinism mode.
+
+    ``deterministic=True`` makes GPU runs repeatable at some speed cost; otherwise cuDNN may
+    benchmark and pick the fastest (non-deterministic) kernels.
+    """
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be in [0, 2**32), got {seed}")  # numpy's limit
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds the CUDA generators of all devices too
+    if deterministic:
+        # cuBLAS reads this when it starts; deterministic matmuls need a fixed workspace.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # Set both ways, so one call fully decides the mode whatever ran before.
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def rng_state() -> dict:
+    """The state of every random generator, as tensors, numbers and dicts.
+
+    That is what ``torch.load(weights_only=True)`` accepts, so the state can live in a checkpoint.
+    """
+    python_version, python_internal, gauss_next = random.getstate()
+    _, numpy_keys, numpy_pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "python": {
+            "version": python_version,
+            "internal": torch.tensor(python_internal, dtype=torch.int64),
+            "gauss_next": gauss_next,
+        },
+        "numpy": {
+            "keys": torch.from_numpy(numpy_keys.astype(np.int64)),
+            "pos": int(numpy_pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore the generators from :func:`rng_state`, so the next draws repeat exactly."""
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["internal"].tolist()), python["gauss_next"]))
+    numpy = state["numpy"]
+    np.random.set_state(
+        (
+            "MT19937",
+            numpy["keys"].cpu().numpy().astype(np.uint32),
+            numpy["pos"],
+            numpy["has_gauss"],
+            numpy["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        # A resume may see fewer GPUs than the run that saved; restore those that exist.
+        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state.cpu(), index)
