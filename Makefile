@@ -22,7 +22,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
-	$(BIN)/python -m afan.demo
+	$(BIN)/python -m afan.demo mode=base out=runs/demo/base --overwrite
+	$(BIN)/python -m afan.demo mode=afan out=runs/demo/afan --overwrite
 
 clean:
 	rm -rf $(VENV) runs
