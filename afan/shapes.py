@@ -43,6 +43,7 @@ __all__ = [
     "SPLITS",
     "TASKS",
     "ShapesSample",
+    "ShapesStyle",
     "render_sample",
     "ShapesDataset",
 ]
@@ -57,18 +58,51 @@ TASKS: tuple[str, ...] = ("classification", "detection", "segmentation")
 
 MIN_IMAGE_SIZE = 16  # below this, a star and a hexagon are a handful of indistinct pixels
 
-# Difficulty knobs.  The defaults are tuned so that the classification task at 32x32 is
+# Difficulty knobs (ShapesStyle below).  The defaults are tuned so that the classification task at 32x32 is
 # learnable but not trivial for a small CNN trained for about a minute on a CPU.
 # Measured: fixed per-pixel noise is what hurts a small network most (it memorises each
 # image's noise instead of learning outlines), so the noise is mild and most of the difficulty
 # comes from the distractors, the textured background and the random colours and rotations.
-DEFAULT_NOISE_STD = 0.03  # std of the per-pixel Gaussian noise, on a [0, 1] intensity scale
-DEFAULT_SIZE_RANGE = (0.22, 0.36)  # equal-area radius of the main shape, fraction of the side
-DEFAULT_DISTRACTOR_SCALE = (0.25, 0.5)  # radius of every further shape, relative to the main
-DEFAULT_TEXTURE = 0.1  # largest amplitude of the background stripes
-DEFAULT_MIN_CONTRAST = 0.5  # least RGB distance of a shape's colour to what lies around it
-DEFAULT_MIN_VISIBLE = 0.3  # least visible area of a shape, as a fraction of its full area
-DEFAULT_SUPERSAMPLE = 2  # samples per pixel along each axis
+@dataclass(frozen=True)
+class ShapesStyle:
+    """The difficulty knobs of the renderer, checked once when the style is made."""
+
+    noise_std: float = 0.03  # std of the per-pixel Gaussian noise, on a [0, 1] intensity scale
+    size_range: tuple[float, float] = (0.22, 0.36)  # equal-area radius of the main shape, fraction of the side
+    distractor_scale: tuple[float, float] = (0.25, 0.5)  # radius of every further shape, relative to the main
+    texture: float = 0.1  # largest amplitude of the background stripes
+    min_contrast: float = 0.5  # least RGB distance of a shape's colour to what lies around it
+    min_visible: float = 0.3  # least visible area of a shape, as a fraction of its full area
+    supersample: int = 2  # samples per pixel along each axis
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "size_range", tuple(self.size_range))
+        object.__setattr__(self, "distractor_scale", tuple(self.distractor_scale))
+        if not self.noise_std >= 0:
+            raise ValueError(f"noise_std={self.noise_std!r} is not valid; use a number >= 0")
+        low, high = self.size_range if len(self.size_range) == 2 else (0, -1)
+        if not 0 < low <= high <= 0.5:
+            raise ValueError(
+                f"size_range={self.size_range!r} is not valid; use (low, high) with 0 < low <= high <= 0.5"
+            )
+        low, high = self.distractor_scale if len(self.distractor_scale) == 2 else (0, -1)
+        if not 0 < low <= high <= 1:
+            raise ValueError(
+                f"distractor_scale={self.distractor_scale!r} is not valid; use (low, high) with "
+                "0 < low <= high <= 1"
+            )
+        if not self.texture >= 0:
+            raise ValueError(f"texture={self.texture!r} is not valid; use a number >= 0")
+        if not 0 <= self.min_contrast <= 1:
+            raise ValueError(f"min_contrast={self.min_contrast!r} is not valid; use a number in [0, 1]")
+        if not 0 <= self.min_visible < 1:
+            raise ValueError(f"min_visible={self.min_visible!r} is not valid; use a number in [0, 1)")
+        if not _is_int(self.supersample) or self.supersample < 1:
+            raise ValueError(f"supersample={self.supersample!r} is not valid; use an integer >= 1")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 # Per-task defaults for the data set: detection and segmentation need room for several
 # shapes, classification is meant to be quick.
@@ -378,37 +412,15 @@ def _check_choice(name: str, value, choices: Sequence) -> None:
         raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}")
 
 
-def _check_render_args(
-    seed, split, image_size, max_shapes, noise_std, size_range, distractor_scale, texture,
-    min_contrast, min_visible, supersample,
-) -> None:
+def _check_render_args(seed, split, image_size, max_shapes) -> None:
     """Raise ValueError naming the bad argument and what it may be."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+    if not _is_int(seed) or seed < 0:
         raise ValueError(f"seed={seed!r} is not valid; use an integer >= 0")
     _check_choice("split", split, SPLITS)
-    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < MIN_IMAGE_SIZE:
+    if not _is_int(image_size) or image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image_size={image_size!r} is too small; use an integer >= {MIN_IMAGE_SIZE}")
-    if isinstance(max_shapes, bool) or not isinstance(max_shapes, (int, np.integer)) or max_shapes < 1:
+    if not _is_int(max_shapes) or max_shapes < 1:
         raise ValueError(f"max_shapes={max_shapes!r} is not valid; use an integer >= 1")
-    if not noise_std >= 0:
-        raise ValueError(f"noise_std={noise_std!r} is not valid; use a number >= 0")
-    if len(size_range) != 2 or not 0 < size_range[0] <= size_range[1] <= 0.5:
-        raise ValueError(
-            f"size_range={size_range!r} is not valid; use (low, high) with 0 < low <= high <= 0.5"
-        )
-    if len(distractor_scale) != 2 or not 0 < distractor_scale[0] <= distractor_scale[1] <= 1:
-        raise ValueError(
-            f"distractor_scale={distractor_scale!r} is not valid; use (low, high) with "
-            "0 < low <= high <= 1"
-        )
-    if not texture >= 0:
-        raise ValueError(f"texture={texture!r} is not valid; use a number >= 0")
-    if not 0 <= min_contrast <= 1:
-        raise ValueError(f"min_contrast={min_contrast!r} is not valid; use a number in [0, 1]")
-    if not 0 <= min_visible < 1:
-        raise ValueError(f"min_visible={min_visible!r} is not valid; use a number in [0, 1)")
-    if isinstance(supersample, bool) or not isinstance(supersample, (int, np.integer)) or supersample < 1:
-        raise ValueError(f"supersample={supersample!r} is not valid; use an integer >= 1")
 
 
 def render_sample(
@@ -418,36 +430,28 @@ def render_sample(
     *,
     image_size: int = 32,
     max_shapes: int = 3,
-    noise_std: float = DEFAULT_NOISE_STD,
-    size_range: tuple[float, float] = DEFAULT_SIZE_RANGE,
-    distractor_scale: tuple[float, float] = DEFAULT_DISTRACTOR_SCALE,
-    texture: float = DEFAULT_TEXTURE,
-    min_contrast: float = DEFAULT_MIN_CONTRAST,
-    min_visible: float = DEFAULT_MIN_VISIBLE,
-    supersample: int = DEFAULT_SUPERSAMPLE,
+    style: ShapesStyle = ShapesStyle(),
 ) -> ShapesSample:
     """Render item ``index`` of ``split``; the result depends only on the arguments.
 
-    ``size_range`` bounds the equal-area radius of a shape (fraction of the image side),
-    ``texture`` the amplitude of the background stripes, ``min_contrast`` the RGB distance of
-    a shape's colour from its local background and from earlier shapes, ``min_visible`` the
-    fraction of its area a shape must keep visible (else it is removed from the scene).
+    ``style`` holds the difficulty knobs: ``size_range`` bounds the equal-area radius of a
+    shape (fraction of the image side), ``texture`` the amplitude of the background stripes,
+    ``min_contrast`` the RGB distance of a shape's colour from its local background and from
+    earlier shapes, ``min_visible`` the fraction of its area a shape must keep visible (else
+    it is removed from the scene).
     """
-    _check_render_args(
-        seed, split, image_size, max_shapes, noise_std, size_range, distractor_scale, texture,
-        min_contrast, min_visible, supersample,
-    )
+    _check_render_args(seed, split, image_size, max_shapes)
     if index < 0:
         raise ValueError(f"index={index!r} is not valid; use an integer >= 0")
     rng = np.random.default_rng([int(seed), _SPLIT_IDS[split], int(index)])
-    background = _draw_background(rng, texture)
+    background = _draw_background(rng, style.texture)
     shapes: list[_Shape] = []
     # A scene whose every shape is hidden (hardly possible with sane sizes) is drawn again.
     for _ in range(100):
         drawn = _draw_shapes(
-            rng, background, max_shapes, size_range, distractor_scale, min_contrast
+            rng, background, max_shapes, style.size_range, style.distractor_scale, style.min_contrast
         )
-        shapes, coverage = _visible_shapes(drawn, image_size, supersample, min_visible)
+        shapes, coverage = _visible_shapes(drawn, image_size, style.supersample, style.min_visible)
         if shapes:
             break
     else:  # pragma: no cover - needs absurd settings
@@ -456,7 +460,7 @@ def render_sample(
     colours = np.stack([np.zeros(3)] + [s.colour for s in shapes])  # row 0 unused
     image = coverage[0] * _paint_background(background, image_size)
     image += np.einsum("khw,kc->chw", coverage[1:], colours[1:])
-    image += noise_std * rng.standard_normal(image.shape)
+    image += style.noise_std * rng.standard_normal(image.shape)
     image = np.clip(image, 0.0, 1.0).astype(np.float32)
 
     owner = coverage.argmax(axis=0)  # 0 background, k + 1 for shapes[k]
@@ -489,7 +493,7 @@ class ShapesDataset(Dataset):
 
     ``size`` and ``image_size`` default per split (train 5000, val/test 1000) and per task
     (32 px for classification, 64 px otherwise).  The difficulty knobs are those of
-    :func:`render_sample`.
+    :func:`render_sample`, given as a :class:`ShapesStyle`.
     """
 
     def __init__(
@@ -501,36 +505,19 @@ class ShapesDataset(Dataset):
         seed: int = 0,
         max_shapes: int = 3,
         transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-        *,
-        noise_std: float = DEFAULT_NOISE_STD,
-        size_range: tuple[float, float] = DEFAULT_SIZE_RANGE,
-        distractor_scale: tuple[float, float] = DEFAULT_DISTRACTOR_SCALE,
-        texture: float = DEFAULT_TEXTURE,
-        min_contrast: float = DEFAULT_MIN_CONTRAST,
-        min_visible: float = DEFAULT_MIN_VISIBLE,
-        supersample: int = DEFAULT_SUPERSAMPLE,
+        style: Optional[ShapesStyle] = None,
     ) -> None:
         _check_choice("task", task, TASKS)
         _check_choice("split", split, SPLITS)
         size = _DEFAULT_SPLIT_SIZE[split] if size is None else size
-        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0:
+        if not _is_int(size) or size <= 0:
             raise ValueError(f"size={size!r} is not valid; use an integer > 0 (images in the split)")
         image_size = _DEFAULT_IMAGE_SIZE[task] if image_size is None else image_size
         if transform is not None and not callable(transform):
             raise ValueError(f"transform={transform!r} is not callable; pass a function or None")
-        self.render_kwargs = dict(
-            image_size=image_size,
-            max_shapes=max_shapes,
-            noise_std=noise_std,
-            size_range=tuple(size_range),
-            distractor_scale=tuple(distractor_scale),
-            texture=texture,
-            min_contrast=min_contrast,
-            min_visible=min_visible,
-            supersample=supersample,
-        )
+        self.render_kwargs = dict(image_size=image_size, max_shapes=max_shapes, style=style or ShapesStyle())
         # Fail here, at construction, rather than in a DataLoader worker later.
-        _check_render_args(seed, split, **self.render_kwargs)
+        _check_render_args(seed, split, image_size, max_shapes)
         self.task = task
         self.split = split
         self.size = int(size)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from afan.shapes import NUM_CLASSES, SHAPE_CLASSES, ShapesDataset, render_sample
+from afan.shapes import NUM_CLASSES, SHAPE_CLASSES, ShapesDataset, ShapesStyle, render_sample
 
 
 def test_at_least_six_classes():
@@ -93,3 +93,25 @@ def test_bad_arguments_are_named(kwargs, message):
         ShapesDataset(**kwargs)
     with pytest.raises(IndexError):
         ShapesDataset("classification", size=3)[3]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(noise_std=-0.1), "noise_std=-0.1 is not valid"),
+        (dict(size_range=(0.3, 0.2)), "size_range=.* is not valid"),
+        (dict(distractor_scale=(0.5,)), "distractor_scale=.* is not valid"),
+        (dict(min_visible=1.0), "min_visible=1.0 is not valid"),
+        (dict(supersample=0), "supersample=0 is not valid"),
+    ],
+)
+def test_bad_style_is_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ShapesStyle(**kwargs)
+
+
+def test_style_changes_the_images():
+    plain = render_sample(0, "train", 0, style=ShapesStyle(noise_std=0.0, texture=0.0))
+    noisy = render_sample(0, "train", 0, style=ShapesStyle(noise_std=0.2))
+    assert np.array_equal(plain.mask, noisy.mask)  # same scene
+    assert np.abs(plain.image - noisy.image).mean() > 0.05
