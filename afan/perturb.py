@@ -70,6 +70,7 @@ def feature_pgd(
     norm: str = "inf",
     random_start: bool = False,
     project: bool = False,
+    bounds: Optional[tuple[float, float]] = None,
 ) -> torch.Tensor:
     """Projected gradient ascent on ``loss_fn`` with respect to ``feature``.
 
@@ -77,7 +78,8 @@ def feature_pgd(
     along the per-sample unit gradient (``norm="2"``); with ``project=True`` the result is
     pulled back into the ``eps``-ball around the clean feature after every step, and
     ``random_start=True`` starts from a uniform point of that ball. The release used
-    ``step_size = gamma / 255`` with no random start and no projection.
+    ``step_size = gamma / 255`` with no random start and no projection. ``bounds=(lo, hi)``
+    keeps every iterate inside a value range, e.g. ``(0, 1)`` for pixel-level PGD on images.
 
     The perturbation is accumulated in at least float32, so steps smaller than the
     resolution of a bfloat16/float16 feature are not rounded away; the returned tensor is
@@ -85,10 +87,16 @@ def feature_pgd(
     inside ``torch.no_grad()`` (gradients are enabled locally).
     """
     _check_arguments(steps, step_size, eps, norm, random_start, project)
+    if bounds is not None and not bounds[0] < bounds[1]:
+        raise ValueError(f"feature_pgd: bounds must be (low, high) with low < high, got {bounds!r}")
     origin = feature.detach()
     delta = torch.zeros_like(origin, dtype=torch.promote_types(origin.dtype, torch.float32))
+
+    def clip(d):
+        return d if bounds is None else (origin + d).clamp(*bounds) - origin
+
     if random_start:
-        delta = _random_start(delta, eps, norm)
+        delta = clip(_random_start(delta, eps, norm))
     with torch.enable_grad():
         for step in range(steps):
             adv = (origin + delta).requires_grad_(True)
@@ -106,6 +114,7 @@ def feature_pgd(
             delta = delta + step_size * _step_direction(grad.to(delta.dtype), norm)
             if project:
                 delta = _project(delta, eps, norm)
+            delta = clip(delta)
     return (origin + delta).detach()
 
 

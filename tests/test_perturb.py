@@ -170,3 +170,16 @@ def test_interpolate_rejects_bad_n_and_shapes():
         afan.interpolate(torch.zeros(1), torch.zeros(1), 0)
     with pytest.raises(ValueError, match="same shape"):
         afan.interpolate(torch.zeros(1, 2), torch.zeros(2, 1), 1)
+
+
+def test_bounds_keep_pixel_pgd_in_the_image_range(tiny_net, batch):
+    x, y = batch
+    loss = lambda images: F.cross_entropy(tiny_net(images), y)  # noqa: E731
+    with afan.frozen_bn_stats(tiny_net):
+        adv = afan.feature_pgd(x, loss, steps=4, step_size=0.3, eps=0.5, random_start=True,
+                               project=True, bounds=(0.0, 1.0))
+    assert adv.min() >= 0.0 and adv.max() <= 1.0
+    assert (adv - x).abs().max() <= 0.5 + 1e-6
+    assert (adv - x).abs().max() > 0.2
+    with pytest.raises(ValueError, match="bounds must be"):
+        afan.feature_pgd(x, loss, steps=1, step_size=0.1, bounds=(1.0, 0.0))

@@ -115,3 +115,12 @@ def test_style_changes_the_images():
     noisy = render_sample(0, "train", 0, style=ShapesStyle(noise_std=0.2))
     assert np.array_equal(plain.mask, noisy.mask)  # same scene
     assert np.abs(plain.image - noisy.image).mean() > 0.05
+
+
+def test_cache_returns_the_same_samples_without_rendering_again(monkeypatch):
+    cached = ShapesDataset("classification", size=4, cache=True)
+    first = [cached[i][0] for i in range(4)]
+    import afan.shapes as shapes_module
+    monkeypatch.setattr(shapes_module, "render_sample", lambda *a, **k: pytest.fail("rendered again"))
+    assert all(torch.equal(cached[i][0], first[i]) for i in range(4))
+    assert torch.equal(cached[-1][0], first[3])

@@ -1,0 +1,95 @@
+"""Settings of a classification run: dataclass defaults, overridden by a YAML file and
+``key=value`` arguments (see ``afan.config``). The paper configs in ``configs/`` hold only
+what differs from these defaults."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from Classification.data import DataConfig
+
+
+@dataclass
+class OptimConfig:
+    """SGD with linear warm-up, then step decay (as released) or cosine decay."""
+
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: Literal["step", "cosine"] = "step"
+    milestones: list[int] = field(default_factory=lambda: [50, 150])
+    decay: float = 0.1  # lr factor at each milestone
+    warmup_epochs: float = 1.0  # linear warm-up, per iteration (the release: over epoch 0)
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be positive, got {self.lr}")
+        if self.weight_decay < 0 or self.momentum < 0 or self.warmup_epochs < 0:
+            raise ValueError("optim.weight_decay, optim.momentum and optim.warmup_epochs must be >= 0")
+        if sorted(self.milestones) != list(self.milestones):
+            raise ValueError(f"optim.milestones must be increasing, got {self.milestones}")
+
+
+@dataclass
+class AfanConfig:
+    """Feature PGD after ``layer`` (DESIGN.md items 1-3, 5-6). Step size and radius are in
+    units of 1/255, as released: step_size = gamma / 255, eps = eps / 255."""
+
+    layer: str = "layer1"
+    steps: int = 5
+    gamma: float = 0.5
+    eps: float = 2.0  # used with random_start or project
+    norm: Literal["inf", "2"] = "inf"
+    random_start: bool = False
+    project: bool = False
+    n: int = 1  # strengths i/n of the perturbation, i = 1..n
+    mask: str = "0"  # one character per strength: "1" = adversarial feature normalization
+    mix_dim: Literal["channel", "batch"] = "channel"
+    aux_bn: bool = False  # the classification release had no auxiliary BN
+
+    def __post_init__(self):
+        if self.steps < 0:
+            raise ValueError(f"afan.steps must be >= 0, got {self.steps}")
+        if self.gamma < 0 or self.eps < 0:
+            raise ValueError(f"afan.gamma and afan.eps must be >= 0, got {self.gamma} and {self.eps}")
+        if self.n < 1:
+            raise ValueError(f"afan.n must be >= 1, got {self.n}")
+        if len(self.mask) != self.n or set(self.mask) - {"0", "1"}:
+            raise ValueError(f"afan.mask {self.mask!r} must be {self.n} characters of 0/1 (one per strength, afan.n)")
+
+
+@dataclass
+class AdvPropConfig:
+    """Pixel-level PGD with auxiliary BN everywhere (DESIGN.md item 7); units of 1/255."""
+
+    steps: int = 5
+    step_size: float = 1.0
+    eps: float = 4.0
+    random_start: bool = True
+
+    def __post_init__(self):
+        if self.steps < 0 or self.step_size < 0 or self.eps < 0:
+            raise ValueError("advprop.steps, advprop.step_size and advprop.eps must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    mode: Literal["base", "afan", "advprop"] = "base"
+    model: str = "resnet56"
+    epochs: int = 200
+    batch_size: int = 128
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"
+    # NHWC tensors: several times faster for these convolutions on CPU (oneDNN) and on GPU.
+    channels_last: bool = True
+    out: str = "runs/classification"
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    afan: AfanConfig = field(default_factory=AfanConfig)
+    advprop: AdvPropConfig = field(default_factory=AdvPropConfig)
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")

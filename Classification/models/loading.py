@@ -1,0 +1,125 @@
+"""Loading classification checkpoints into plain evaluation models, and the format they use.
+
+``load_model`` reads three formats: this project's ``{"model", "arch", "num_classes"}``
+(``checkpoint_payload``), plain state dicts (also under a ``state_dict`` key), and the
+original A-FAN release; ``module.`` prefixes from (Distributed)DataParallel are removed. Every problem
+with the file becomes one ``CheckpointError`` that names it; nothing is loaded partially.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from afan import strip_aux_state_dict
+from afan.checkpoint import CheckpointError, load_checkpoint
+
+from .registry import MODEL_NAMES, create_model, model_class
+from .release import convert_release_state_dict, is_release_state_dict
+
+_EXAMPLES = 5  # keys quoted per kind of difference in error messages
+
+
+def checkpoint_payload(model: nn.Module) -> dict:
+    """What training scripts save and ``load_model`` reads back."""
+    return {"model": model.state_dict(), "arch": model.arch, "num_classes": model.num_classes}
+
+
+def _strip_data_parallel(state: Mapping) -> dict:
+    """(Distributed)DataParallel saved every key with a ``module.`` prefix."""
+    return {key.removeprefix("module."): value for key, value in state.items()}
+
+
+def _is_plain_state_dict(obj) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(
+        isinstance(value, torch.Tensor) for value in obj.values())
+
+
+def _unpack(path: Path, checkpoint: Mapping):
+    """``(state, arch, num_classes, normalisation kwargs)``; arch/num_classes None if unknown."""
+    if isinstance(checkpoint.get("model"), Mapping):
+        state = _strip_data_parallel(checkpoint["model"])
+        return state, checkpoint.get("arch"), checkpoint.get("num_classes"), {}
+    if isinstance(checkpoint.get("state_dict"), Mapping):
+        state = _strip_data_parallel(checkpoint["state_dict"])
+        if not is_release_state_dict(state):  # e.g. timm's training script's format
+            return state, None, None, {}
+        try:
+            arch, classes, state, mean, std = convert_release_state_dict(state)
+        except ValueError as error:
+            raise CheckpointError(f"{path} is not an A-FAN release ResNet-s checkpoint: {error}") from None
+        norm = {"mean": mean, "std": std} if mean is not None and std is not None else {}
+        return state, arch, classes, norm
+    if _is_plain_state_dict(checkpoint):
+        return _strip_data_parallel(checkpoint), None, None, {}
+    raise CheckpointError(
+        f"{path} is not a classification checkpoint this project reads (top-level keys: "
+        f"{list(checkpoint)[:_EXAMPLES]}). Expected a dict with 'model' (a state dict), "
+        "'arch' and 'num_classes' as training writes it, a plain state dict, or an A-FAN "
+        "release checkpoint whose 'state_dict' holds 'sequential_model.*' keys"
+    )
+
+
+def _check_keys(path: Path, model: nn.Module, state: Mapping) -> None:
+    """CheckpointError listing missing, unexpected and mis-shaped keys, if any."""
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    shapes = [
+        f"{key} (file {tuple(getattr(state[key], 'shape', ()))}, model {tuple(value.shape)})"
+        for key, value in expected.items()
+        if key in state and getattr(state[key], "shape", None) != value.shape
+    ]
+    problems = [
+        f"{label} ({len(keys)}): {', '.join(keys[:_EXAMPLES])}{', ...' if len(keys) > _EXAMPLES else ''}"
+        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                            ("shape mismatches", shapes)) if keys
+    ]
+    if problems:
+        raise CheckpointError(
+            f"{path} does not fit {model.arch} with {model.num_classes} classes; "
+            + "; ".join(problems)
+            + ". Is it a checkpoint of another architecture? Pass the right name="
+        )
+
+
+def load_model(path, name: Optional[str] = None, num_classes: Optional[int] = None) -> nn.Module:
+    """The model stored at ``path``, in eval mode, with plain BatchNorm.
+
+    ``name`` and ``num_classes`` are needed only where the file does not record them
+    (``name`` for plain state dicts); given anyway, they must agree with the file.
+    Auxiliary-BN entries (``*.aux_bn.*``) are dropped.
+    """
+    path = Path(path)
+    if name is not None:
+        model_class(name)  # a bad argument is reported before the file is read
+    state, arch, declared, norm = _unpack(path, load_checkpoint(path))
+    state = strip_aux_state_dict(state)
+    if name is not None and arch is not None and name != arch:
+        raise CheckpointError(f"{path} holds a {arch} model, not the requested {name}")
+    name = name or arch
+    if name is None:
+        raise CheckpointError(
+            f"{path} holds a plain state dict, which does not record its architecture; "
+            f"pass name= (one of {', '.join(MODEL_NAMES)})"
+        )
+    try:
+        cls = model_class(name)
+    except ValueError as error:  # only a name read from the file gets here
+        raise CheckpointError(f"{path}: {error}") from None
+    classifier = state.get(cls.classifier_key)
+    if declared is None and isinstance(classifier, torch.Tensor):
+        declared = classifier.shape[0]
+    if num_classes is not None and declared is not None and num_classes != declared:
+        raise CheckpointError(
+            f"{path} holds a model for {declared} classes, but num_classes={num_classes} was asked for"
+        )
+    # Without a classifier weight the class count is unknown; any count will do, as the
+    # key check then fails on the missing classifier anyway.
+    model = create_model(name, num_classes or declared or 1, **norm)
+    _check_keys(path, model, state)
+    model.load_state_dict(state, strict=True)
+    return model.eval()

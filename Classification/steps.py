@@ -1,0 +1,67 @@
+"""The loss of one training step in each mode: ``base``, ``afan`` and ``advprop``.
+
+Each function runs the forward passes (and the attack, if any) and returns the loss to
+back-propagate; the training loop owns the optimizer. Models expose ``head(x, at)`` and
+``tail(h, at)`` at their named split points (see ``Classification.models``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+import afan
+from Classification.config import AdvPropConfig, AfanConfig
+
+MIX_DIMS = {"channel": 1, "batch": (0, 2, 3)}
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor
+    logits: torch.Tensor  # clean logits, for the training accuracy
+    perturbation: Optional[torch.Tensor] = None  # adversarial minus clean (feature or image)
+
+
+def base_step(model, x, y) -> StepResult:
+    logits = model(x)
+    return StepResult(F.cross_entropy(logits, y), logits)
+
+
+def afan_step(model, x, y, cfg: AfanConfig) -> StepResult:
+    """``(L_clean + mean_i L(tail(h_i))) / 2`` with ``h_i`` the strengths of a feature PGD."""
+    at = cfg.layer
+    h = model.head(x, at)
+    logits = model.tail(h, at)
+
+    def adversarial_loss(feature):
+        return F.cross_entropy(model.tail(feature, at), y)
+
+    with afan.frozen_bn_stats(model), afan.use_aux_bn(model, enabled=cfg.aux_bn):
+        h_adv = afan.feature_pgd(h, adversarial_loss, steps=cfg.steps, step_size=cfg.gamma / 255,
+                                 eps=cfg.eps / 255, norm=cfg.norm, random_start=cfg.random_start,
+                                 project=cfg.project)
+    features = afan.mix_by_mask(h, afan.interpolate(h, h_adv, cfg.n), cfg.mask, dim=MIX_DIMS[cfg.mix_dim])
+    with afan.use_aux_bn(model, enabled=cfg.aux_bn):
+        loss_adv = sum(adversarial_loss(f) for f in features) / len(features)
+    loss = (F.cross_entropy(logits, y) + loss_adv) / 2
+    return StepResult(loss, logits, h_adv - h.detach())
+
+
+def pixel_pgd(model, x, y, cfg: AdvPropConfig) -> torch.Tensor:
+    """An L-infinity PGD image in [0, 1] around ``x`` (radius and step in units of 1/255)."""
+    return afan.feature_pgd(x, lambda images: F.cross_entropy(model(images), y), steps=cfg.steps,
+                            step_size=cfg.step_size / 255, eps=cfg.eps / 255,
+                            random_start=cfg.random_start, project=True, bounds=(0.0, 1.0))
+
+
+def advprop_step(model, x, y, cfg: AdvPropConfig) -> StepResult:
+    """``(L_clean + L_adv) / 2`` with pixel PGD; adversarial passes use the auxiliary BN."""
+    with afan.frozen_bn_stats(model), afan.use_aux_bn(model):
+        x_adv = pixel_pgd(model, x, y, cfg)
+    logits = model(x)
+    with afan.use_aux_bn(model):
+        loss_adv = F.cross_entropy(model(x_adv), y)
+    return StepResult((F.cross_entropy(logits, y) + loss_adv) / 2, logits, x_adv - x)

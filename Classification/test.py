@@ -1,0 +1,66 @@
+"""Score a classifier checkpoint: top-1/top-5 on validation or test data, optionally under
+pixel PGD.
+
+    python -m Classification.test --checkpoint runs/shapes_afan/best.pth data.name=shapes
+    python -m Classification.test --checkpoint AFAN_resnet56.pth.tar data.name=cifar10 --pgd-eps 2
+
+Accepts this project's checkpoints, plain state dicts (with --model) and the original
+release's checkpoints. Prints one line ``SUMMARY {json}``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from afan.checkpoint import CheckpointError
+from afan.config import ConfigError, load_config
+from afan.runtime import select_device
+from Classification.config import AdvPropConfig
+from Classification.data import DataConfig, DataError, build_datasets, make_loader
+from Classification.evaluation import evaluate
+from Classification.models import load_model
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Evaluate a classification checkpoint.")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint file to score")
+    parser.add_argument("--model", help="architecture name, needed for plain state dicts")
+    parser.add_argument("--split", choices=("val", "test"), default="test")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--contiguous", action="store_true", help="NCHW instead of channels_last tensors")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the Shapes data")
+    parser.add_argument("--pgd-eps", type=float, default=0.0, help="PGD radius in 1/255 (0: clean only)")
+    parser.add_argument("--pgd-steps", type=int, default=10)
+    parser.add_argument("--pgd-step-size", type=float, help="PGD step in 1/255 (default eps/4)")
+    parser.add_argument("data", nargs="*", metavar="data.KEY=VALUE", help="data settings, e.g. data.name=shapes")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        overrides = [item.removeprefix("data.") for item in args.data]
+        data_cfg = load_config(DataConfig, overrides=overrides)
+        splits = build_datasets(data_cfg, seed=args.seed)
+        device = select_device(args.device)
+        fmt = torch.contiguous_format if args.contiguous else torch.channels_last
+        model = load_model(args.checkpoint, name=args.model, num_classes=splits.num_classes)
+        model = model.to(device, memory_format=fmt)
+    except (ConfigError, DataError, CheckpointError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    loader = make_loader(getattr(splits, args.split), args.batch_size, train=False,
+                         workers=data_cfg.workers, seed=args.seed)
+    result = {"checkpoint": args.checkpoint, "data": data_cfg.name, "split": args.split}
+    result.update(evaluate(model, loader, device, fmt, desc=args.split))
+    if args.pgd_eps > 0:
+        attack = AdvPropConfig(steps=args.pgd_steps, eps=args.pgd_eps, random_start=True,
+                               step_size=args.pgd_step_size or args.pgd_eps / 4)
+        robust = evaluate(model, loader, device, fmt, attack=attack, desc="pgd")
+        result.update({f"pgd_{k}": v for k, v in robust.items()}, pgd_eps=args.pgd_eps, pgd_steps=args.pgd_steps)
+    print("SUMMARY " + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Train a classifier in one of three modes: ``base``, ``afan`` (feature PGD) or ``advprop``.
+
+    python -m Classification.train --config Classification/configs/cifar10_resnet56_afan.yaml
+    python -m Classification.train --config Classification/configs/shapes_afan.yaml epochs=3
+    python -m Classification.train --resume out=runs/shapes_afan
+
+Each epoch logs train loss and accuracy, validation accuracy, learning rate, mean L2 and
+L-infinity size of the perturbation and time to ``metrics.csv`` (and ``curves.png``) in the
+run folder; ``last.pth`` is the full training state, ``best.pth`` the best model on
+validation. At the end the best model is scored on the test split and one line
+``SUMMARY {json}`` is printed (also saved as ``summary.json``).
+"""
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import math
+import sys
+import time
+
+import torch
+
+import afan
+from afan.checkpoint import load_checkpoint, save_checkpoint
+from afan.config import ConfigError, add_config_arguments, config_to_dict, load_config
+from afan.rundir import RunDir, progress
+from afan.runtime import rng_state, seed_everything, select_device, set_rng_state
+from Classification.config import OptimConfig, TrainConfig
+from Classification.data import DataError, build_datasets, make_loader
+from Classification.evaluation import evaluate
+from Classification.models import checkpoint_payload, create_model, load_model
+from Classification.steps import advprop_step, afan_step, base_step
+
+
+def lr_factor(iteration: int, iters_per_epoch: int, epochs: int, cfg: OptimConfig) -> float:
+    """Learning-rate multiplier at an iteration: linear warm-up times step or cosine decay."""
+    epoch = iteration / iters_per_epoch
+    warmup_iters = cfg.warmup_epochs * iters_per_epoch
+    warm = min(1.0, (iteration + 1) / warmup_iters) if warmup_iters > 0 else 1.0
+    if cfg.schedule == "step":
+        return warm * cfg.decay ** bisect.bisect_right(cfg.milestones, epoch)
+    return warm * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+
+
+def memory_format(cfg: TrainConfig) -> torch.memory_format:
+    return torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+
+def build_model(cfg: TrainConfig, num_classes: int, device) -> torch.nn.Module:
+    model = create_model(cfg.model, num_classes)
+    if cfg.mode == "afan" and cfg.afan.layer not in model.split_points:
+        raise ConfigError(f"afan.layer={cfg.afan.layer!r} is not a split point of {cfg.model}; "
+                          f"valid: {', '.join(model.split_points)}")
+    if cfg.mode == "afan" and cfg.afan.aux_bn:
+        afan.convert_aux_bn(model, after=cfg.afan.layer)
+    elif cfg.mode == "advprop":
+        afan.convert_aux_bn(model)
+    return model.to(device, memory_format=memory_format(cfg))
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, cfg: TrainConfig, device, epoch: int) -> dict:
+    model.train()
+    seen = correct = 0
+    loss_sum = l2_sum = linf_sum = 0.0
+    for x, y in progress(loader, desc=f"{cfg.mode} epoch {epoch}", leave=False):
+        x = x.to(device, memory_format=memory_format(cfg), non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        if cfg.mode == "afan":
+            result = afan_step(model, x, y, cfg.afan)
+        elif cfg.mode == "advprop":
+            result = advprop_step(model, x, y, cfg.advprop)
+        else:
+            result = base_step(model, x, y)
+        if not torch.isfinite(result.loss):
+            raise FloatingPointError(f"non-finite loss {result.loss.item()} at epoch {epoch}, "
+                                     f"iteration {scheduler.last_epoch}; lower optim.lr")
+        optimizer.zero_grad(set_to_none=True)
+        result.loss.backward()
+        optimizer.step()
+        scheduler.step()
+        n = y.numel()
+        seen += n
+        loss_sum += result.loss.item() * n
+        correct += (result.logits.argmax(1) == y).sum().item()
+        if result.perturbation is not None:
+            delta = result.perturbation.flatten(1)
+            l2_sum += delta.norm(dim=1).sum().item()
+            linf_sum += delta.abs().amax(dim=1).sum().item()
+    row = {"train_loss": loss_sum / seen, "train_acc": correct / seen}
+    if cfg.mode != "base":
+        row.update(pert_l2=l2_sum / seen, pert_linf=linf_sum / seen)
+    return row
+
+
+def run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
+    """Train (or continue) the run described by ``cfg``; returns the summary."""
+    seed_everything(cfg.seed, cfg.deterministic)
+    device = select_device(cfg.device)
+    # Data and model are checked before the run folder is made, so a bad setting leaves
+    # nothing behind to --overwrite.
+    splits = build_datasets(cfg.data, seed=cfg.seed)
+    model = build_model(cfg, splits.num_classes, device)
+    run_dir = RunDir(cfg.out, resume=resume, overwrite=overwrite)
+    loader_args = dict(workers=cfg.data.workers, seed=cfg.seed)
+    train_loader = make_loader(splits.train, cfg.batch_size, train=True, **loader_args)
+    val_loader = make_loader(splits.val, cfg.batch_size, train=False, **loader_args)
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
+    iters = len(train_loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: lr_factor(it, iters, cfg.epochs, cfg.optim))
+
+    start_epoch, best_acc = 0, -1.0
+    if resume:
+        state = load_checkpoint(run_dir.last_checkpoint)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        start_epoch, best_acc = state["epoch"] + 1, state["best_val_acc"]
+        run_dir.metrics.truncate_after("epoch", state["epoch"])
+        print(f"resuming {run_dir.path} at epoch {start_epoch}", flush=True)
+    run_dir.save_config(cfg)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        tic = time.perf_counter()
+        # The data order of an epoch depends only on (seed, epoch), so a resumed run sees
+        # the same batches as an uninterrupted one.
+        train_loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
+        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+        row.update(train_one_epoch(model, train_loader, optimizer, scheduler, cfg, device, epoch))
+        row["val_acc"] = evaluate(model, val_loader, device, memory_format(cfg), desc="val")["top1"]
+        row["time"] = time.perf_counter() - tic
+        run_dir.metrics.log(**row)
+        if row["val_acc"] > best_acc:
+            best_acc = row["val_acc"]
+            best = checkpoint_payload(afan.strip_aux_bn(model))
+            save_checkpoint({**best, "epoch": epoch, "val_acc": best_acc}, run_dir.best_checkpoint)
+        save_checkpoint({
+            **checkpoint_payload(model), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "epoch": epoch, "best_val_acc": best_acc,
+            "rng": rng_state(), "config": config_to_dict(cfg),
+        }, run_dir.last_checkpoint)
+        print(f"epoch {epoch}: " + " ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"),
+              flush=True)
+    run_dir.metrics.plot(run_dir.file("curves.png"), x="epoch")
+
+    best_model = load_model(run_dir.best_checkpoint).to(device, memory_format=memory_format(cfg))
+    test_loader = make_loader(splits.test, cfg.batch_size, train=False, **loader_args)
+    test = evaluate(best_model, test_loader, device, memory_format(cfg), desc="test")
+    rows = run_dir.metrics.rows()
+    summary = {
+        "mode": cfg.mode, "model": cfg.model, "data": cfg.data.name, "epochs": cfg.epochs,
+        "best_val_acc": best_acc, "test_acc": test["top1"], "test_top5": test["top5"],
+        "sec_per_epoch": sum(r["time"] for r in rows) / len(rows), "out": str(run_dir.path),
+    }
+    (run_dir.file("summary.json")).write_text(json.dumps(summary, indent=1))
+    print("SUMMARY " + json.dumps(summary), flush=True)
+    return summary
+
+
+def parse_config(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
+    parser = argparse.ArgumentParser(description="Train a classifier (base, A-FAN or AdvProp).")
+    add_config_arguments(parser)
+    parser.add_argument("--resume", action="store_true", help="continue the run in `out` from last.pth")
+    parser.add_argument("--overwrite", action="store_true", help="start `out` again, deleting the old run")
+    args = parser.parse_intermixed_args(argv)
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    if args.resume:
+        # A resumed run continues with the settings it was started with (plus new overrides).
+        saved = RunDir(cfg.out, resume=True).file("config.yaml")
+        cfg = load_config(TrainConfig, saved, args.overrides)
+    return cfg, args
+
+
+def main(argv=None) -> int:
+    try:
+        cfg, args = parse_config(argv)
+        run(cfg, resume=args.resume, overwrite=args.overwrite)
+    except (ConfigError, DataError, FileExistsError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Classification training, testing, scripts and paper configs on tiny Shapes data."""
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import afan
+from afan.checkpoint import load_checkpoint
+from afan.config import ConfigError, load_config
+from Classification import test as cls_test
+from Classification import train as cls_train
+from Classification.config import AfanConfig, TrainConfig
+from Classification.models import create_model
+from Classification.steps import afan_step
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "Classification" / "configs"
+TINY = ["model=resnet20", "data.name=shapes", "data.train_size=48", "data.val_size=32",
+        "data.test_size=32", "data.workers=0", "batch_size=16", "device=cpu"]
+
+
+def tiny_config(tmp_path, *extra):
+    return load_config(TrainConfig, overrides=[*TINY, f"out={tmp_path / 'run'}", *extra])
+
+
+@pytest.mark.parametrize("mode", ["base", "afan", "advprop"])
+def test_one_short_epoch_of_each_mode(tmp_path, mode, capsys):
+    extra = ["afan.aux_bn=true", "afan.n=2", "afan.mask=01"] if mode == "afan" else []
+    summary = cls_train.run(tiny_config(tmp_path, f"mode={mode}", "epochs=1", *extra))
+    out = tmp_path / "run"
+    for name in ("config.yaml", "metrics.csv", "curves.png", "last.pth", "best.pth", "summary.json"):
+        assert (out / name).is_file(), name
+    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("SUMMARY ")][-1]
+    assert json.loads(line[len("SUMMARY "):]) == json.loads((out / "summary.json").read_text()) == summary
+    assert 0 <= summary["test_acc"] <= 1 and summary["mode"] == mode
+    row = afan.rundir.MetricsLog(out / "metrics.csv").rows()[0]
+    assert {"train_loss", "train_acc", "val_acc", "lr", "time"} <= set(row)
+    if mode == "afan":
+        assert row["pert_linf"] == pytest.approx(5 * 0.5 / 255, rel=1e-4)
+    if mode == "advprop":
+        assert 0 < row["pert_linf"] <= 4 / 255 + 1e-6
+    best = load_checkpoint(out / "best.pth")
+    assert not any(".aux_bn." in k for k in best["model"])
+
+
+@pytest.mark.parametrize("aux_bn, n, mask", [(False, 1, "0"), (True, 2, "01")])
+def test_afan_loss_is_the_mean_of_clean_and_adversarial_losses(aux_bn, n, mask):
+    torch.manual_seed(0)
+    model = create_model("resnet20", 6).train()
+    cfg = AfanConfig(layer="layer2", steps=2, gamma=2.0, n=n, mask=mask, aux_bn=aux_bn)
+    if aux_bn:
+        afan.convert_aux_bn(model, after=cfg.layer)
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 6, (8,))
+    by_hand = copy.deepcopy(model)
+    result = afan_step(model, x, y, cfg)
+
+    h = by_hand.head(x, "layer2")
+    clean = F.cross_entropy(by_hand.tail(h, "layer2"), y)
+    h_adv = h.detach() + result.perturbation
+    strengths = [h + (i / n) * (h_adv - h) for i in range(1, n + 1)]
+    strengths = [afan.mix_statistics(h, f) if m == "1" else f for m, f in zip(mask, strengths)]
+    with afan.use_aux_bn(by_hand, enabled=aux_bn):
+        adv = sum(F.cross_entropy(by_hand.tail(f, "layer2"), y) for f in strengths) / n
+    torch.testing.assert_close(result.loss, (clean + adv) / 2)
+    assert (result.perturbation.abs() <= 2 * 2.0 / 255 + 1e-6).all()
+
+
+def test_resume_after_stopping_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    settings = [*TINY, "mode=afan", "epochs=2", "deterministic=true", "afan.steps=1"]
+    main = cls_train.main
+    assert main([*settings, f"out={tmp_path / 'whole'}"]) == 0
+
+    real_epoch = cls_train.train_one_epoch
+
+    def stop_in_second_epoch(*args, **kwargs):
+        if args[-1] == 1:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(cls_train, "train_one_epoch", stop_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        main([*settings, f"out={tmp_path / 'cut'}"])
+    monkeypatch.setattr(cls_train, "train_one_epoch", real_epoch)
+    assert main(["--resume", f"out={tmp_path / 'cut'}"]) == 0
+
+    whole, cut = (load_checkpoint(tmp_path / name / "last.pth") for name in ("whole", "cut"))
+    assert whole["model"].keys() == cut["model"].keys()
+    for key, value in whole["model"].items():
+        assert torch.equal(value, cut["model"][key]), key
+    rows = afan.rundir.MetricsLog(tmp_path / "cut" / "metrics.csv").rows()
+    assert [r["epoch"] for r in rows] == [0, 1]
+
+
+def test_test_script_reproduces_the_logged_accuracy(tmp_path, capsys):
+    summary = cls_train.run(tiny_config(tmp_path, "epochs=2"))
+    capsys.readouterr()
+    data = [o for o in TINY if o.startswith("data.")]
+    assert cls_test.main(["--checkpoint", str(tmp_path / "run" / "best.pth"), "--split", "val",
+                          "--device", "cpu", *data]) == 0
+    result = json.loads(capsys.readouterr().out.split("SUMMARY ", 1)[1])
+    assert result["top1"] == pytest.approx(summary["best_val_acc"])
+    assert cls_test.main(["--checkpoint", str(tmp_path / "run" / "best.pth"), "--device", "cpu",
+                          "--pgd-eps", "8", "--pgd-steps", "2", *data]) == 0
+    result = json.loads(capsys.readouterr().out.split("SUMMARY ", 1)[1])
+    assert result["top1"] == pytest.approx(summary["test_acc"])
+    assert 0 <= result["pgd_top1"] <= 1
+
+
+def test_paper_configs_match_the_released_hyper_parameters():
+    for mode in ("base", "afan"):
+        cfg = load_config(TrainConfig, CONFIGS / f"cifar10_resnet56_{mode}.yaml")
+        assert (cfg.mode, cfg.model, cfg.data.name) == (mode, "resnet56", "cifar10")
+        assert (cfg.epochs, cfg.batch_size) == (200, 128)
+        o = cfg.optim
+        assert (o.lr, o.momentum, o.weight_decay, o.schedule, o.milestones, o.decay, o.warmup_epochs) == \
+            (0.1, 0.9, 5e-4, "step", [50, 150], 0.1, 1.0)
+    a = load_config(TrainConfig, CONFIGS / "cifar10_resnet56_afan.yaml").afan
+    assert (a.layer, a.steps, a.gamma, a.eps, a.random_start, a.project, a.n, a.aux_bn) == \
+        ("layer1", 5, 0.5, 2.0, False, False, 1, False)
+    for path in CONFIGS.glob("*.yaml"):
+        cfg = load_config(TrainConfig, path)
+        assert cfg.out.endswith(path.stem), path.name
+        if "cifar100" in path.name:
+            assert cfg.data.name == "cifar100"
+        if cfg.mode == "afan":
+            assert cfg.afan.layer in create_model(cfg.model, 10).split_points
+
+
+def test_warm_up_and_step_decay():
+    o = TrainConfig().optim
+    factor = lambda it: cls_train.lr_factor(it, 100, 200, o)  # noqa: E731
+    assert factor(0) == pytest.approx(0.01) and factor(49) == pytest.approx(0.5)
+    assert factor(99) == 1.0 and factor(4999) == 1.0
+    assert factor(5000) == pytest.approx(0.1) and factor(15000) == pytest.approx(0.01)
+
+
+def test_bad_settings_stop_with_one_clear_message(tmp_path, capsys):
+    assert cls_train.main([*TINY, "mode=afan", "afan.layer=layer9", f"out={tmp_path / 'r'}"]) == 2
+    assert "layer9" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(ConfigError, match="afan.mask"):
+        load_config(TrainConfig, overrides=["afan.n=4", "afan.mask=011"])
+
+
+def _script(name, *args, cwd):
+    env = {**os.environ, "PYTHON": sys.executable}
+    return subprocess.run(["bash", str(ROOT / "Classification" / "cmd" / name), *args], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_scripts_work_from_the_root_and_the_task_folder(tmp_path):
+    tiny = [*TINY, "epochs=1", "afan.steps=1", "afan.layer=layer1"]
+    done = _script("run_perturb.sh", "--config", "Classification/configs/shapes_afan.yaml", *tiny,
+                   f"out={tmp_path / 'a'}", cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    done = _script("run_test.sh", "--checkpoint", str(tmp_path / "a" / "best.pth"), "--device", "cpu",
+                   *[o for o in TINY if o.startswith("data.")], cwd=ROOT / "Classification")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.split("SUMMARY ", 1)[1])["data"] == "shapes"
+
+
+def test_newcomer_without_cifar_is_told_what_to_do(tmp_path):
+    done = _script("run_perturb.sh", f"data.root={tmp_path / 'nothing'}", f"out={tmp_path / 'r'}",
+                   cwd=ROOT / "Classification")
+    assert done.returncode == 2
+    assert "data.download=true" in done.stderr and "shapes" in done.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_compare_prints_a_table_and_writes_the_plot(tmp_path, capsys):
+    from Classification import compare
+    figure = tmp_path / "figs" / "cmp.png"
+    args = ["epochs=1", "afan.steps=1", "data.train_size=32", "data.val_size=16", "data.test_size=16",
+            "batch_size=16", "device=cpu", "--out", str(tmp_path / "runs"), "--figure", str(figure)]
+    assert compare.main(args) == 0
+    out = capsys.readouterr().out
+    assert "| mode | best val. acc. | test acc. | s / epoch |" in out
+    assert "| base |" in out and "| afan |" in out
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
