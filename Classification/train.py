@@ -18,6 +18,7 @@ import json
 import math
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -179,7 +180,12 @@ def main(argv=None) -> int:
     try:
         cfg, args = parse_config(argv)
         run(cfg, resume=args.resume, overwrite=args.overwrite)
-    except (ConfigError, DataError, FileExistsError, FileNotFoundError) as error:
+    except DataError as error:
+        shapes = Path(__file__).resolve().parent / "configs" / f"shapes_{cfg.mode}.yaml"
+        print(f"error: {error}\nTo train on the built-in data instead: "
+              f"python -m Classification.train --config {shapes}", file=sys.stderr)
+        return 2
+    except (ConfigError, FileExistsError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

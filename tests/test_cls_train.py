@@ -169,7 +169,8 @@ def test_newcomer_without_cifar_is_told_what_to_do(tmp_path):
     done = _script("run_perturb.sh", f"data.root={tmp_path / 'nothing'}", f"out={tmp_path / 'r'}",
                    cwd=ROOT / "Classification")
     assert done.returncode == 2
-    assert "data.download=true" in done.stderr and "shapes" in done.stderr
+    assert "data.download=true" in done.stderr
+    assert "--config " in done.stderr and "shapes_afan.yaml" in done.stderr
     assert not (tmp_path / "r").exists()
 
 
