@@ -30,26 +30,21 @@ import codecs
 import importlib
 import io
 import pickle
-import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, Optional, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
-import torch
-from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, Subset
+from PIL import Image
+from torch.utils.data import Dataset, Subset
 from torchvision import datasets, transforms
 
+from afan.loading import DataError, load_rgb, make_loader
 from afan.shapes import ShapesDataset
 
 __all__ = ["DataConfig", "DataError", "Splits", "build_datasets", "make_loader"]
 
 NAMES = ("shapes", "cifar10", "cifar100", "imagenet")
-
-
-class DataError(RuntimeError):
-    """A data set that cannot be used; the message names the problem and how to fix it."""
 
 
 @dataclass
@@ -314,19 +309,6 @@ def _download_cifar(cfg: DataConfig, layout: _CifarLayout) -> None:
 _FOLDER_LAYOUT = "root/train/<class>/*.JPEG and root/val/<class>/*.JPEG"
 
 
-def _load_rgb(path: str) -> Image.Image:
-    """Open an image as RGB; an unreadable file raises DataError naming it.
-
-    Module level (not a closure) so that DataLoader worker processes can pickle it.
-    """
-    try:
-        with open(path, "rb") as file:
-            image = Image.open(file)
-            return image.convert("RGB")  # convert() decodes the whole file: truncation shows here
-    except (UnidentifiedImageError, OSError) as error:
-        raise DataError(f"cannot read image {path} ({error}); delete or replace this file") from error
-
-
 def _image_folder(root: Path, split: str, transform: Callable) -> datasets.ImageFolder:
     folder = root / split
     if not folder.is_dir():
@@ -336,7 +318,7 @@ def _image_folder(root: Path, split: str, transform: Callable) -> datasets.Image
             "automatically. Or use data.name=shapes for the built-in data"
         )
     try:
-        return datasets.ImageFolder(str(folder), transform=transform, loader=_load_rgb)
+        return datasets.ImageFolder(str(folder), transform=transform, loader=load_rgb)
     except FileNotFoundError as error:  # no class folders, or a class folder without images
         raise DataError(
             f"ImageNet-style data set: {str(error).rstrip('.')}. Expected layout: {_FOLDER_LAYOUT} "
@@ -375,51 +357,3 @@ def _short_list(names: Sequence[str], limit: int = 10) -> str:
         return "none"
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
-
-
-# --------------------------------------------------------------------------------------------
-# Loaders
-
-
-def _seed_worker(worker_id: int) -> None:
-    # torch gives each worker its own seed (from the loader's generator); numpy and random
-    # would otherwise repeat the parent's state in every worker.
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-
-
-def make_loader(
-    dataset: Dataset,
-    batch_size: int,
-    *,
-    train: bool,
-    workers: int,
-    seed: int,
-    sampler=None,
-    drop_last: Optional[bool] = None,
-) -> DataLoader:
-    """A DataLoader whose order and augmentations are reproducible from ``seed``.
-
-    Training shuffles with a seeded generator unless a ``sampler`` (e.g. DistributedSampler)
-    decides the order.  ``drop_last=None`` drops the last partial batch when training (a
-    batch of one or two images gives BatchNorm useless statistics), unless that would leave
-    no batch at all.
-    """
-    if drop_last is None:
-        drop_last = train and len(dataset) > batch_size
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=train and sampler is None,
-        sampler=sampler,
-        num_workers=workers,
-        pin_memory=torch.cuda.is_available(),
-        drop_last=drop_last,
-        # Workers start anew each epoch and take their seeds from `generator`, so a run
-        # that reseeds it per epoch replays the same augmentations after a resume.
-        persistent_workers=False,
-        worker_init_fn=_seed_worker,
-        generator=generator,  # also seeds the workers' torch RNG, hence the augmentations
-    )

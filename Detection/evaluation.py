@@ -1,0 +1,293 @@
+"""Detection metrics: Pascal VOC AP (11-point and all-point), COCO AP through pycocotools, and
+their outputs (per-class CSV, pictures of detections).
+
+Detections and ground truth are mappings ``image_id -> dict`` with
+
+* detections: ``boxes`` [N, 4] xyxy, ``labels`` [N] in ``1..C``, ``scores`` [N];
+* ground truth: ``boxes`` [K, 4] xyxy, ``labels`` [K], optional ``difficult`` [K] bool,
+
+as tensors, arrays or lists (``Splits.eval_info.ground_truth`` has this form).
+
+Box convention: boxes are 0-based continuous coordinates (a box ``x1..x2`` is ``x2 - x1``
+pixels wide), so areas and IoUs use no ``+ 1`` -- unlike the VOC devkit, whose boxes count
+inclusive integer pixels.  On VOC data converted as in :mod:`Detection.data`
+(``x1 - 1, y1 - 1, x2, y2``) both give the same IoU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import io
+import math
+import os
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+
+__all__ = ["voc_ap", "voc_eval", "coco_eval", "evaluate", "save_per_class_csv", "draw_detections", "box_iou"]
+
+
+def _array(value, dtype, shape=None) -> np.ndarray:
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    array = np.asarray(value if value is not None else [], dtype=dtype)
+    return array.reshape(shape) if shape is not None else array.reshape(-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Pascal VOC
+
+
+def voc_ap(recall, precision, use_07_metric: bool) -> float:
+    """Average precision from the recall and precision of the ranked detections.
+
+    ``use_07_metric=True``: VOC2007's 11-point interpolation, the mean over t = 0, 0.1, ..., 1
+    of the highest precision at recall >= t (0 where no such point).  ``False`` (VOC2010+):
+    the area under the precision envelope (precision made monotonically non-increasing from
+    the right), summed over the recall steps.
+    """
+    recall = np.asarray(recall, dtype=np.float64).reshape(-1)
+    precision = np.asarray(precision, dtype=np.float64).reshape(-1)
+    if recall.shape != precision.shape:
+        raise ValueError(f"recall and precision differ in length ({recall.size} vs {precision.size})")
+    if use_07_metric:
+        ap = 0.0
+        for t in np.linspace(0.0, 1.0, 11):
+            above = precision[recall >= t]
+            ap += (above.max() if above.size else 0.0) / 11.0
+        return float(ap)
+    mrec = np.concatenate([[0.0], recall, [1.0]])
+    mpre = np.concatenate([[0.0], precision, [0.0]])
+    mpre = np.maximum.accumulate(mpre[::-1])[::-1]  # envelope
+    steps = np.flatnonzero(mrec[1:] != mrec[:-1])  # where recall changes
+    return float(np.sum((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]))
+
+
+def box_iou(boxes: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """IoU [N, M] of xyxy boxes, continuous coordinates (no + 1)."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    others = np.asarray(others, dtype=np.float64).reshape(-1, 4)
+    left_top = np.maximum(boxes[:, None, :2], others[None, :, :2])
+    right_bottom = np.minimum(boxes[:, None, 2:], others[None, :, 2:])
+    inter = np.clip(right_bottom - left_top, 0, None).prod(axis=2)
+    area = lambda b: np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+    union = area(boxes)[:, None] + area(others)[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+
+
+def voc_eval(
+    detections: Mapping,
+    ground_truth: Mapping,
+    num_classes: int,
+    iou_threshold: float = 0.5,
+    use_07_metric: bool = True,
+    class_names: Optional[Sequence[str]] = None,
+) -> dict:
+    """Pascal VOC detection AP per class and its mean.
+
+    ``num_classes`` counts the background (labels ``1..num_classes - 1`` are evaluated), as
+    ``Splits.num_classes``.  Matching follows the VOC devkit: per class, all detections of all
+    images in decreasing score order (ties keep their input order); a detection's best-IoU
+    ground-truth box of that class in its image decides: IoU >= ``iou_threshold`` with a
+    difficult box -> ignored (neither TP nor FP); with a box not matched yet -> TP, the box is
+    now matched; with an already matched box -> FP (duplicate); IoU below the threshold -> FP.
+    Detections on images absent from ``ground_truth`` are FPs.
+
+    Returns ``{"per_class": {name: AP}, "mAP": float}``; names are ``class_names[label]``
+    (``class_names[0]`` is the background, as ``Splits.class_names``), else ``str(label)``.  A
+    class without any non-difficult ground-truth box has AP ``nan`` and is left out of the mAP.
+    """
+    if class_names is not None and len(class_names) != num_classes:
+        raise ValueError(f"class_names has {len(class_names)} names; need num_classes={num_classes} (background first)")
+    gt = {}
+    for image_id, target in ground_truth.items():
+        boxes = _array(target["boxes"], np.float64, (-1, 4))
+        labels = _array(target["labels"], np.int64)
+        difficult = _array(target.get("difficult"), bool) if target.get("difficult") is not None else np.zeros(len(labels), bool)
+        gt[image_id] = (boxes, labels, difficult)
+    dets = {}
+    for image_id, det in detections.items():
+        dets[image_id] = (_array(det["boxes"], np.float64, (-1, 4)), _array(det["labels"], np.int64), _array(det["scores"], np.float64))
+
+    per_class = {}
+    for label in range(1, num_classes):
+        name = class_names[label] if class_names is not None else str(label)
+        npos = sum(int(np.sum((labels == label) & ~difficult)) for _, labels, difficult in gt.values())
+        # All detections of this class: (score, image_id, box), in input order for ties.
+        ids, boxes, scores = [], [], []
+        for image_id, (b, l, s) in dets.items():
+            keep = l == label
+            ids.extend([image_id] * int(keep.sum()))
+            boxes.append(b[keep])
+            scores.append(s[keep])
+        boxes = np.concatenate(boxes) if boxes else np.zeros((0, 4))
+        scores = np.concatenate(scores) if scores else np.zeros(0)
+        order = np.argsort(-scores, kind="stable")
+        matched = {image_id: np.zeros(int(np.sum(l == label)), bool) for image_id, (_, l, _) in gt.items()}
+        tp = np.zeros(len(order))
+        fp = np.zeros(len(order))
+        for rank, index in enumerate(order):
+            image_id = ids[index]
+            if image_id not in gt:
+                fp[rank] = 1
+                continue
+            g_boxes, g_labels, g_difficult = gt[image_id]
+            mine = g_labels == label
+            ious = box_iou(boxes[index], g_boxes[mine])[0]
+            if ious.size == 0 or ious.max() < iou_threshold:
+                fp[rank] = 1
+                continue
+            best = int(ious.argmax())
+            if g_difficult[mine][best]:
+                continue  # ignored
+            if matched[image_id][best]:
+                fp[rank] = 1  # duplicate detection
+            else:
+                tp[rank] = 1
+                matched[image_id][best] = True
+        if npos == 0:
+            per_class[name] = float("nan")
+            continue
+        tp, fp = np.cumsum(tp), np.cumsum(fp)
+        recall = tp / npos
+        precision = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
+        per_class[name] = voc_ap(recall, precision, use_07_metric)
+    valid = [ap for ap in per_class.values() if not math.isnan(ap)]
+    return {"per_class": per_class, "mAP": float(np.mean(valid)) if valid else float("nan")}
+
+
+# --------------------------------------------------------------------------------------------
+# COCO
+
+COCO_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def coco_results(detections: Mapping, label_to_category: Mapping[int, int]) -> list[dict]:
+    """Detections -> COCO result dicts (bbox as x, y, w, h; labels mapped to category ids)."""
+    results = []
+    for image_id, det in detections.items():
+        boxes = _array(det["boxes"], np.float64, (-1, 4))
+        labels = _array(det["labels"], np.int64)
+        scores = _array(det["scores"], np.float64)
+        for box, label, score in zip(boxes.tolist(), labels.tolist(), scores.tolist()):
+            if label not in label_to_category:
+                raise ValueError(f"detection label {label} has no COCO category; known labels: {sorted(label_to_category)}")
+            x1, y1, x2, y2 = box
+            results.append({
+                "image_id": int(image_id), "category_id": int(label_to_category[label]),
+                "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score),
+            })
+    return results
+
+
+def coco_eval(detections: Mapping, coco_gt, label_to_category: Mapping[int, int]) -> dict:
+    """COCO box AP (pycocotools COCOeval, ``iouType="bbox"``) on the images in ``detections``.
+
+    ``coco_gt`` is a pycocotools COCO object (``Splits.eval_info.coco_gt``); every image id of
+    ``detections`` must be one of its images (an image with no detections still counts: give it
+    empty arrays).  Returns AP (IoU 0.50:0.95), AP50, AP75 and APs/APm/APl (small/medium/large
+    objects); pycocotools reports -1 where no ground truth falls in a category.
+    """
+    from pycocotools.cocoeval import COCOeval
+
+    image_ids = sorted(int(i) for i in detections)
+    unknown = set(image_ids) - set(coco_gt.getImgIds())
+    if unknown:
+        raise ValueError(f"detections name image ids the ground truth lacks: {sorted(unknown)[:10]}")
+    results = coco_results(detections, label_to_category)
+    if not results:
+        return {key: 0.0 for key in COCO_KEYS}
+    quiet = contextlib.redirect_stdout(io.StringIO())  # pycocotools prints its progress
+    with quiet:
+        coco_dt = coco_gt.loadRes(copy.deepcopy(results))
+        evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        evaluator.params.imgIds = image_ids
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {key: float(value) for key, value in zip(COCO_KEYS, evaluator.stats[:6])}
+
+
+def evaluate(eval_info, detections: Mapping, class_names: Sequence[str]) -> dict:
+    """All the metrics ``eval_info`` (``Splits.eval_info``) supports.
+
+    Always ``per_class`` and ``mAP`` (VOC AP at IoU 0.5 with the data set's AP flavour, on the
+    images in ``detections``); for COCO-format data also the :func:`coco_eval` keys.
+    """
+    ground_truth = {i: eval_info.ground_truth[i] for i in detections if i in eval_info.ground_truth}
+    metrics = voc_eval(detections, ground_truth, len(class_names), use_07_metric=eval_info.use_07_metric, class_names=class_names)
+    if eval_info.kind == "coco":
+        metrics.update(coco_eval(detections, eval_info.coco_gt, eval_info.label_to_category))
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs
+
+
+def save_per_class_csv(per_class: Mapping[str, float], path) -> Path:
+    """Write ``class,AP`` rows (AP as a fraction, ``nan`` for a class without ground truth)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file)
+        writer.writerow(["class", "AP"])
+        for name, ap in per_class.items():
+            writer.writerow([name, f"{float(ap):.6f}"])
+    os.replace(temporary, path)
+    return path
+
+
+def draw_detections(image, boxes, labels, scores, class_names: Sequence[str], path, score_threshold: float = 0.5) -> Path:
+    """Save a PNG of ``image`` with its boxes (score >= threshold) and ``name score`` captions.
+
+    ``image``: float [3, H, W] in [0, 1] (tensor or array) or uint8 [H, W, 3]; ``scores=None``
+    draws every box without a score (e.g. ground truth); ``class_names[label]`` names a box.
+    """
+    import matplotlib
+    import matplotlib.patches
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if hasattr(image, "detach"):
+        image = image.detach().cpu().numpy()
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[0] in (1, 3) and image.shape[-1] not in (1, 3):
+        image = image.transpose(1, 2, 0)
+    if image.dtype != np.uint8:
+        image = np.clip(image, 0.0, 1.0)
+    if image.shape[-1] == 1:
+        image = image[..., 0]
+    boxes = _array(boxes, np.float64, (-1, 4))
+    labels = _array(labels, np.int64)
+    scores = None if scores is None else _array(scores, np.float64)
+    height, width = image.shape[:2]
+
+    scale = max(1.0, 256 / max(width, height, 1))  # small images are enlarged so captions stay legible
+    figure = Figure(figsize=(width * scale / 100, height * scale / 100), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_axes([0, 0, 1, 1])
+    # extent: pixel j covers [j, j + 1), the boxes' convention (imshow centres pixels on j).
+    axes.imshow(image, cmap="gray" if image.ndim == 2 else None, extent=(0, width, height, 0), interpolation="nearest")
+    axes.set_axis_off()
+    colours = matplotlib.colormaps["tab10"].colors
+    for k, (box, label) in enumerate(zip(boxes, labels)):
+        if scores is not None and scores[k] < score_threshold:
+            continue
+        x1, y1, x2, y2 = box
+        colour = colours[int(label) % len(colours)]
+        axes.add_patch(matplotlib.patches.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, linewidth=1.5))
+        name = class_names[label] if 0 <= label < len(class_names) else str(label)
+        caption = name if scores is None else f"{name} {scores[k]:.2f}"
+        axes.text(x1, y1, caption, fontsize=7, color="white", va="bottom",
+                  bbox=dict(facecolor=colour, edgecolor="none", pad=1, alpha=0.8))
+    axes.set_xlim(0, width)
+    axes.set_ylim(height, 0)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png")
+    return path
