@@ -12,7 +12,6 @@ validation. At the end the best model is scored on the test split and one line
 """
 from __future__ import annotations
 
-import argparse
 import bisect
 import json
 import math
@@ -24,11 +23,12 @@ import torch
 
 import afan
 from afan.checkpoint import load_checkpoint, save_checkpoint
-from afan.config import ConfigError, add_config_arguments, config_to_dict, load_config
+from afan.cli import train_main
+from afan.config import ConfigError, config_to_dict
 from afan.rundir import RunDir, progress
 from afan.runtime import rng_state, seed_everything, select_device, set_rng_state
 from Classification.config import OptimConfig, TrainConfig
-from Classification.data import DataError, build_datasets, make_loader
+from Classification.data import build_datasets, make_loader
 from Classification.evaluation import evaluate
 from Classification.models import checkpoint_payload, create_model, load_model
 from Classification.steps import advprop_step, afan_step, base_step
@@ -162,33 +162,9 @@ def run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> d
     return summary
 
 
-def parse_config(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
-    parser = argparse.ArgumentParser(description="Train a classifier (base, A-FAN or AdvProp).")
-    add_config_arguments(parser)
-    parser.add_argument("--resume", action="store_true", help="continue the run in `out` from last.pth")
-    parser.add_argument("--overwrite", action="store_true", help="start `out` again, deleting the old run")
-    args = parser.parse_intermixed_args(argv)
-    cfg = load_config(TrainConfig, args.config, args.overrides)
-    if args.resume:
-        # A resumed run continues with the settings it was started with (plus new overrides).
-        saved = RunDir(cfg.out, resume=True).file("config.yaml")
-        cfg = load_config(TrainConfig, saved, args.overrides)
-    return cfg, args
-
-
 def main(argv=None) -> int:
-    try:
-        cfg, args = parse_config(argv)
-        run(cfg, resume=args.resume, overwrite=args.overwrite)
-    except DataError as error:
-        shapes = Path(__file__).resolve().parent / "configs" / f"shapes_{cfg.mode}.yaml"
-        print(f"error: {error}\nTo train on the built-in data instead: "
-              f"python -m Classification.train --config {shapes}", file=sys.stderr)
-        return 2
-    except (ConfigError, FileExistsError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return train_main(argv, config_cls=TrainConfig, run=run, description="Train a classifier (base, A-FAN or AdvProp).",
+                      module="Classification.train", configs=Path(__file__).resolve().parent / "configs")
 
 
 if __name__ == "__main__":

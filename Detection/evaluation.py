@@ -26,6 +26,10 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
+import torch
+
+from afan.rundir import progress
+from Detection.data import make_loader
 
 __all__ = ["voc_ap", "voc_eval", "coco_eval", "evaluate", "save_per_class_csv", "draw_detections", "box_iou"]
 
@@ -291,3 +295,35 @@ def draw_detections(image, boxes, labels, scores, class_names: Sequence[str], pa
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format="png")
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# A model on a test split
+
+
+def predict(model, dataset, device, batch_size: int = 4) -> dict:
+    """image_id -> {"boxes", "labels", "scores"} (CPU tensors) for every image of ``dataset``."""
+    model.eval()
+    detections = {}
+    loader = make_loader(dataset, batch_size, train=False, workers=0, seed=0)
+    with torch.no_grad():
+        for images, targets in progress(loader, desc="predict", leave=False):
+            outputs = model([image.to(device) for image in images])
+            for target, output in zip(targets, outputs):
+                detections[int(target["image_id"])] = {k: v.cpu() for k, v in output.items()}
+    return detections
+
+
+def run_evaluation(model, splits, device, out_dir, *, draw: int = 4) -> dict:
+    """Predict the test split, score it, write ``per_class_ap.csv`` and ``draw`` pictures of
+    predictions into ``out_dir/predictions``; returns the scalar metrics."""
+    out_dir = Path(out_dir)
+    detections = predict(model, splits.test, device)
+    metrics = evaluate(splits.eval_info, detections, splits.class_names)
+    save_per_class_csv(metrics.pop("per_class"), out_dir / "per_class_ap.csv")
+    for index in range(min(draw, len(splits.test))):
+        image, target = splits.test[index]
+        found = detections[int(target["image_id"])]
+        draw_detections(image, found["boxes"], found["labels"], found["scores"], splits.class_names,
+                        out_dir / "predictions" / f"{index:03d}.png")
+    return metrics

@@ -12,7 +12,7 @@ import contextlib
 import os
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -101,3 +101,17 @@ def load_checkpoint(path, map_location="cpu") -> dict:
             "save checkpoints as dicts, e.g. {'model': model.state_dict(), 'epoch': epoch}"
         )
     return checkpoint
+
+
+def key_mismatches(expected: Mapping, state: Mapping, *, optional: Callable[[str], bool] = lambda key: False,
+                   examples: int = 5) -> list[str]:
+    """What keeps ``state`` from loading strictly where ``expected`` (a model's state dict)
+    is wanted: missing keys (those ``optional`` accepts aside), unexpected keys and shape
+    mismatches, each with a count and a few examples; empty when it loads."""
+    missing = [k for k in expected if k not in state and not optional(k)]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} (file {tuple(getattr(state[k], 'shape', ()))}, model {tuple(v.shape)})"
+              for k, v in expected.items() if k in state and getattr(state[k], "shape", None) != v.shape]
+    return [f"{label} ({len(keys)}): {', '.join(keys[:examples])}{', ...' if len(keys) > examples else ''}"
+            for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                ("shape mismatches", shapes)) if keys]

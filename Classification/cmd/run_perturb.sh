@@ -4,5 +4,6 @@
 #   bash cmd/run_perturb.sh data.download=true
 #   bash cmd/run_perturb.sh --config configs/shapes_afan.yaml   (built-in data, no download)
 set -euo pipefail
-source "$(dirname "$0")/_run.sh"
+source "$(dirname "$0")/../../scripts/run_module.sh"
+CONFIGS="$ROOT/Classification/configs"
 run_module Classification.train --config "$CONFIGS/cifar10_resnet56_afan.yaml" "$@"

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from afan import strip_aux_state_dict
-from afan.checkpoint import CheckpointError, load_checkpoint
+from afan.checkpoint import CheckpointError, key_mismatches, load_checkpoint
 
 from .registry import MODEL_NAMES, create_model, model_class
 from .release import convert_release_state_dict, is_release_state_dict
@@ -65,19 +65,7 @@ def _unpack(path: Path, checkpoint: Mapping):
 
 def _check_keys(path: Path, model: nn.Module, state: Mapping) -> None:
     """CheckpointError listing missing, unexpected and mis-shaped keys, if any."""
-    expected = model.state_dict()
-    missing = [key for key in expected if key not in state]
-    unexpected = [key for key in state if key not in expected]
-    shapes = [
-        f"{key} (file {tuple(getattr(state[key], 'shape', ()))}, model {tuple(value.shape)})"
-        for key, value in expected.items()
-        if key in state and getattr(state[key], "shape", None) != value.shape
-    ]
-    problems = [
-        f"{label} ({len(keys)}): {', '.join(keys[:_EXAMPLES])}{', ...' if len(keys) > _EXAMPLES else ''}"
-        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                            ("shape mismatches", shapes)) if keys
-    ]
+    problems = key_mismatches(model.state_dict(), state)
     if problems:
         raise CheckpointError(
             f"{path} does not fit {model.arch} with {model.num_classes} classes; "

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Train the released VOC2007 Faster R-CNN R-50-FPN baseline. Extra arguments pass through, e.g.
+#   bash cmd/run_base.sh --config configs/coco_resnet50_base.yaml
+#   bash cmd/run_base.sh --config configs/shapes_base.yaml     (built-in data, no download)
+set -euo pipefail
+source "$(dirname "$0")/../../scripts/run_module.sh"
+run_module Detection.train --config "$ROOT/Detection/configs/voc07_resnet50_base.yaml" "$@"

@@ -1,0 +1,150 @@
+"""The loss of one detection training step in each mode: ``base``, ``afan`` and ``advprop``.
+
+Each function runs the forward passes (and the attacks, if any) and returns a
+``StepResult``; the training loop owns the optimizer. Images are lists of [0, 1] tensors,
+targets dicts with ``boxes`` (xyxy, pixels) and ``labels`` (>= 1), as for torchvision.
+The passes are ``Detection.models.parts``: ``prepare`` → ``head`` (clean features, once per
+step) → ``tail`` (from a clean or perturbed feature).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+import afan
+from Detection.config import AdvPropConfig, AfanConfig
+from Detection.models.parts import RoiSample, Targets, box_losses, forward_losses, head, prepare, tail
+
+
+@dataclass
+class StepResult:
+    loss: Tensor  # what to back-propagate
+    losses: dict[str, Tensor]  # detached scalars for logging (see each step for the keys)
+    se_perturbation: Optional[Tensor] = None  # SE: adversarial minus clean backbone feature
+    sd_perturbation: Optional[Tensor] = None  # SD: adversarial minus clean pooled RoI features
+
+
+def _total(losses: dict[str, Tensor]) -> Tensor:
+    return sum(losses.values())
+
+
+def _detached(losses: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach() for k, v in losses.items()}
+
+
+def base_step(model, images: list[Tensor], targets: Targets) -> StepResult:
+    """Plain Faster R-CNN: the sum of torchvision's four losses (``losses`` holds them)."""
+    losses = forward_losses(model, images, targets)
+    return StepResult(_total(losses), _detached(losses))
+
+
+def se_attack(model, feats, at: str, image_list, targets: Targets, cfg: AfanConfig) -> Tensor:
+    """Feature PGD on ``feats[at]`` against the total detection loss of the tail (SE).
+
+    Each step re-runs RPN and RoI sampling, as the release's full forward passes did.
+    Runs with batch statistics but leaves BN running statistics and parameter ``.grad``
+    untouched; auxiliary BN when ``cfg.aux_bn``.
+    """
+    # The attack differentiates only towards feats[at]: detach the other stages (layer1,
+    # which the FPN reads too) so no graph back into the head is built.
+    fixed = {name: f.detach() for name, f in feats.items()}
+
+    def loss_fn(feature):
+        return _total(tail(model, {**fixed, at: feature}, at, image_list, targets))
+
+    with afan.frozen_bn_stats(model), afan.use_aux_bn(model, enabled=cfg.aux_bn):
+        return afan.feature_pgd(feats[at], loss_fn, steps=cfg.se_steps, step_size=cfg.gamma_se / 255,
+                                eps=cfg.eps_se / 255)
+
+
+def sd_attack(model, sample: RoiSample, cfg: AfanConfig) -> Tensor:
+    """Feature PGD on the clean pass's pooled RoI features against the RoI losses (SD), on
+    the clean pass's sampled RoIs. (The RPN losses do not depend on these features, so
+    ``only_roi`` does not change the attack's gradient.)"""
+    def loss_fn(pooled):
+        return _total(box_losses(model, pooled, sample.labels, sample.regression_targets))
+
+    with afan.frozen_bn_stats(model), afan.use_aux_bn(model, enabled=cfg.aux_bn):
+        return afan.feature_pgd(sample.pooled, loss_fn, steps=cfg.sd_steps, step_size=cfg.gamma_sd / 255)
+
+
+def afan_step(model, images: list[Tensor], targets: Targets, cfg: AfanConfig) -> StepResult:
+    """A-FAN for Faster R-CNN (DESIGN.md items 1-6), the release's loss:
+
+    ``(L_0 + L_1 + ... + L_n) / 3 * (1 - w) + L_sd / 3 * w``
+
+    ``L_0`` clean, ``L_i`` the tails on the ``n`` SE strengths (mixed by ``mask``), ``L_sd``
+    the RoI losses (plus the clean RPN losses unless ``only_roi``) on the SD features.
+    The ``/ 3`` is the release's constant, kept as released (it is not ``/ (n + 1)``);
+    without SD (``sd=False``) the loss is ``(L_0 + ... + L_n) / 3``.
+    ``losses`` holds the clean pass's four losses and ``loss_0`` ... ``loss_n``, ``loss_sd``.
+    """
+    image_list, targets = prepare(model, images, targets)
+    at = cfg.se_layer
+    feats = head(model, image_list.tensors, at)  # clean features, reused by every pass below
+    clean, state = tail(model, feats, at, image_list, targets, return_state=True)
+    terms = {"loss_0": _total(clean)}
+
+    # SE: attack, strengths, adversarial feature normalization, one tail pass each.
+    h = feats[at]
+    h_adv = se_attack(model, feats, at, image_list, targets, cfg)
+    strengths = afan.mix_by_mask(h, afan.interpolate(h, h_adv, cfg.n), cfg.mask)
+    with afan.use_aux_bn(model, enabled=cfg.aux_bn):
+        for i, feature in enumerate(strengths, start=1):
+            terms[f"loss_{i}"] = _total(tail(model, {**feats, at: feature}, at, image_list, targets))
+    loss = sum(terms.values()) / 3
+
+    sd_perturbation = None
+    if cfg.sd:
+        roi = state.roi
+        pooled_adv = sd_attack(model, roi, cfg)
+        sd_perturbation = pooled_adv - roi.pooled.detach()
+        # As released, the SD feature is detached: L_sd trains the box head and predictor.
+        sd_feature = afan.mix_statistics(roi.pooled.detach(), pooled_adv) if cfg.sd_mix else pooled_adv
+        if cfg.sd_noise:
+            noise = torch.rand_like(sd_feature) * 2 - 1
+            sd_feature = sd_feature + noise * (cfg.gamma_sd * cfg.sd_noise)
+        with afan.use_aux_bn(model, enabled=cfg.aux_bn):
+            loss_sd = _total(box_losses(model, sd_feature, roi.labels, roi.regression_targets))
+        if not cfg.only_roi:
+            loss_sd = loss_sd + clean["loss_objectness"] + clean["loss_rpn_box_reg"]
+        terms["loss_sd"] = loss_sd
+        loss = loss * (1 - cfg.w) + loss_sd / 3 * cfg.w
+    return StepResult(loss, {**_detached(clean), **_detached(terms)}, (h_adv - h.detach()), sd_perturbation)
+
+
+def pixel_pgd(model, images: list[Tensor], targets: Targets, cfg: AdvPropConfig) -> list[Tensor]:
+    """L-infinity PGD images in [0, 1] around ``images`` against the total detection loss
+    (radius and step in units of 1/255). Images may differ in size: the attack runs on
+    their concatenation, which the element-wise L-infinity steps treat exactly as on each."""
+    shapes = [image.shape for image in images]
+    sizes = [image.numel() for image in images]
+
+    def unflatten(flat):
+        return [part.view(shape) for part, shape in zip(flat.split(sizes), shapes)]
+
+    def loss_fn(flat):
+        return _total(forward_losses(model, unflatten(flat), targets))
+
+    flat = torch.cat([image.detach().flatten() for image in images])
+    adv = afan.feature_pgd(flat, loss_fn, steps=cfg.steps, step_size=cfg.step_size / 255, eps=cfg.eps / 255,
+                           random_start=cfg.random_start, project=True, bounds=(0.0, 1.0))
+    return unflatten(adv)
+
+
+def advprop_step(model, images: list[Tensor], targets: Targets, cfg: AdvPropConfig) -> StepResult:
+    """AdvProp (DESIGN.md item 7): ``(L_clean + L_adv) / 2`` with pixel PGD; the attack and
+    the adversarial pass use the auxiliary BN, so the model must have been converted with
+    ``afan.convert_aux_bn`` (needs ``norm="bn"``). ``losses``: the clean pass's four
+    losses, ``loss_clean`` and ``loss_adv``."""
+    clean = forward_losses(model, images, targets)
+    with afan.frozen_bn_stats(model), afan.use_aux_bn(model):
+        adv_images = pixel_pgd(model, images, targets, cfg)
+    with afan.use_aux_bn(model):
+        loss_adv = _total(forward_losses(model, adv_images, targets))
+    loss_clean = _total(clean)
+    terms = {"loss_clean": loss_clean, "loss_adv": loss_adv}
+    return StepResult((loss_clean + loss_adv) / 2, {**_detached(clean), **_detached(terms)})

@@ -1,0 +1,204 @@
+"""Train a Faster R-CNN in one of three modes: ``base``, ``afan`` (SE + SD feature PGD) or
+``advprop`` (pixel PGD with auxiliary BN), iteration by iteration as released.
+
+    python -m Detection.train --config Detection/configs/voc07_resnet50_afan.yaml
+    python -m Detection.train --config Detection/configs/shapes_afan.yaml iterations=100
+    python -m Detection.train --resume out=runs/shapes_det_afan
+
+Every ``log_every`` iterations the mean losses, learning rate, perturbation sizes and
+seconds per iteration go to ``metrics.csv`` (and ``curves.png``); ``last.pth`` (full state,
+what ``--resume`` continues from) is written every ``checkpoint_every`` iterations and at the
+end. Then the model is evaluated on the test split (VOC mAP, and COCO AP for COCO-format
+data), with per-class AP in ``per_class_ap.csv`` and a few drawn predictions, and one line
+``SUMMARY {json}`` is printed (also ``summary.json``).
+"""
+from __future__ import annotations
+
+import bisect
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+import afan
+from afan.checkpoint import load_checkpoint, save_checkpoint
+from afan.cli import train_main
+from afan.config import config_to_dict
+from afan.rundir import RunDir, progress
+from afan.runtime import rng_state, seed_everything, select_device, set_rng_state
+from afan.sampler import ResumableSampler
+from Detection.config import AdvPropConfig, AfanConfig, ModelConfig
+from Detection.data import DataConfig, build_datasets, make_loader
+from Detection.evaluation import run_evaluation
+from Detection.models import checkpoint_payload, create_model
+from Detection.steps import advprop_step, afan_step, base_step
+
+
+@dataclass
+class OptimConfig:
+    """SGD with linear warm-up and step decay at given iterations (VOC2007 release)."""
+
+    lr: float = 0.008
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    steps: list[int] = field(default_factory=lambda: [6250, 8750])
+    decay: float = 0.1
+    warmup_iters: int = 500
+    warmup_factor: float = 1 / 3  # lr factor at iteration 0, rising linearly to 1
+
+    def __post_init__(self):
+        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_iters < 0:
+            raise ValueError("optim.lr must be > 0, optim.weight_decay and optim.warmup_iters >= 0")
+        if sorted(self.steps) != list(self.steps):
+            raise ValueError(f"optim.steps must be increasing, got {self.steps}")
+
+
+@dataclass
+class TrainConfig:
+    mode: Literal["base", "afan", "advprop"] = "base"
+    iterations: int = 11250
+    batch_size: int = 8
+    checkpoint_every: int = 1000
+    log_every: int = 20
+    draw_images: int = 4  # test images drawn with their predictions at the end
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"
+    out: str = "runs/detection"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    afan: AfanConfig = field(default_factory=AfanConfig)
+    advprop: AdvPropConfig = field(default_factory=AdvPropConfig)
+
+    def __post_init__(self):
+        for name in ("iterations", "batch_size", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        needs_bn = self.mode == "advprop" or (self.mode == "afan" and self.afan.aux_bn)
+        if needs_bn and self.model.norm != "bn":
+            raise ValueError("auxiliary BN (mode=advprop or afan.aux_bn=true) needs trainable "
+                             "BatchNorm: add model.norm=bn")
+
+
+def lr_factor(iteration: int, cfg: OptimConfig) -> float:
+    warm = 1.0
+    if iteration < cfg.warmup_iters:
+        warm = cfg.warmup_factor + (1 - cfg.warmup_factor) * iteration / cfg.warmup_iters
+    return warm * cfg.decay ** bisect.bisect_right(cfg.steps, iteration)
+
+
+def build_model(cfg: TrainConfig, num_classes: int, device) -> torch.nn.Module:
+    m = cfg.model
+    model = create_model(m.name, num_classes, min_size=m.min_size, max_size=m.max_size,
+                         anchor_sizes=tuple(m.anchor_sizes), trainable_layers=m.trainable_layers, norm=m.norm,
+                         roi_batch_size=m.roi_batch_size)
+    if cfg.mode == "afan" and cfg.afan.aux_bn:
+        afan.convert_aux_bn(model, after=f"backbone.body.{cfg.afan.se_layer}")
+    elif cfg.mode == "advprop":
+        afan.convert_aux_bn(model)
+    return model.to(device)
+
+
+def training_step(model, images, targets, cfg: TrainConfig):
+    if cfg.mode == "afan":
+        return afan_step(model, images, targets, cfg.afan)
+    if cfg.mode == "advprop":
+        return advprop_step(model, images, targets, cfg.advprop)
+    return base_step(model, images, targets)
+
+
+def _sizes(name: str, delta) -> dict:
+    if delta is None:
+        return {}
+    flat = delta.detach().flatten(1)
+    return {f"{name}_l2": flat.norm(dim=1).mean().item(), f"{name}_linf": flat.abs().max().item()}
+
+
+def run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
+    seed_everything(cfg.seed, cfg.deterministic)
+    device = select_device(cfg.device)
+    splits = build_datasets(cfg.data, seed=cfg.seed)
+    model = build_model(cfg, splits.num_classes, device)
+    run_dir = RunDir(cfg.out, resume=resume, overwrite=overwrite)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                weight_decay=cfg.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg.optim))
+
+    start = 0
+    if resume:
+        state = load_checkpoint(run_dir.last_checkpoint)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        start = state["iteration"]
+        run_dir.metrics.truncate_after("iteration", start)
+        print(f"resuming {run_dir.path} at iteration {start}", flush=True)
+    run_dir.save_config(cfg)
+
+    # The sampler continues the same endless shuffle after a resume.
+    sampler = ResumableSampler(len(splits.train), cfg.seed, start=start * cfg.batch_size)
+    loader = make_loader(splits.train, cfg.batch_size, train=True, workers=cfg.data.workers,
+                         seed=cfg.seed, sampler=sampler, drop_last=True)
+    model.train()
+    window: dict[str, float] = {}
+    count, tic = 0, time.perf_counter()
+    batches = iter(loader)
+    for iteration in progress(range(start, cfg.iterations), initial=start, total=cfg.iterations,
+                              desc=f"{cfg.mode}"):
+        images, targets = next(batches)
+        images = [image.to(device) for image in images]
+        targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+        result = training_step(model, images, targets, cfg)
+        if not torch.isfinite(result.loss):
+            terms = ", ".join(f"{k} {v.item():.4g}" for k, v in result.losses.items())
+            raise FloatingPointError(f"non-finite loss at iteration {iteration} ({terms}); "
+                                     f"the last good state is {run_dir.last_checkpoint}; lower optim.lr")
+        optimizer.zero_grad(set_to_none=True)
+        result.loss.backward()
+        optimizer.step()
+        scheduler.step()
+        values = {"loss": result.loss.item(), **{k: v.item() for k, v in result.losses.items()},
+                  **_sizes("se", result.se_perturbation), **_sizes("sd", result.sd_perturbation)}
+        for k, v in values.items():
+            window[k] = window.get(k, 0.0) + v
+        count += 1
+        done = iteration + 1
+        if done % cfg.log_every == 0 or done == cfg.iterations:
+            run_dir.metrics.log(iteration=done, lr=optimizer.param_groups[0]["lr"],
+                                **{k: v / count for k, v in window.items()},
+                                sec_per_iter=(time.perf_counter() - tic) / count)
+            window, count, tic = {}, 0, time.perf_counter()
+        if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
+            save_checkpoint({**checkpoint_payload(model), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "iteration": done,
+                             "rng": rng_state(), "config": config_to_dict(cfg)}, run_dir.last_checkpoint)
+    if run_dir.metrics.rows():
+        run_dir.metrics.plot(run_dir.file("curves.png"), x="iteration")
+
+    final = afan.strip_aux_bn(model)
+    save_checkpoint(checkpoint_payload(final), run_dir.file("final.pth"))
+    metrics = run_evaluation(final, splits, device, run_dir.path, draw=cfg.draw_images)
+    rows = run_dir.metrics.rows()
+    summary = {"mode": cfg.mode, "model": cfg.model.name, "data": cfg.data.name,
+               "iterations": cfg.iterations, **metrics,
+               "sec_per_iter": sum(r["sec_per_iter"] for r in rows) / max(len(rows), 1),
+               "out": str(run_dir.path)}
+    run_dir.file("summary.json").write_text(json.dumps(summary, indent=1))
+    print("SUMMARY " + json.dumps(summary), flush=True)
+    return summary
+
+
+def main(argv=None) -> int:
+    return train_main(argv, config_cls=TrainConfig, run=run, description="Train a Faster R-CNN (base, A-FAN or AdvProp).",
+                      module="Detection.train", configs=Path(__file__).resolve().parent / "configs")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""Detection training steps: base equals torchvision, attacks are bounded and leave
+gradients and BN statistics alone, the A-FAN loss is the release's formula."""
+import copy
+
+import pytest
+import torch
+
+import afan
+from Detection.config import AdvPropConfig, AfanConfig
+from Detection.models import box_losses, create_model, head, prepare, tail
+from Detection.steps import advprop_step, afan_step, base_step, pixel_pgd, sd_attack, se_attack
+
+TINY = {"min_size": 64, "max_size": 96}
+
+
+def make_model(norm="frozen", seed=0):
+    torch.manual_seed(seed)
+    model = create_model("fasterrcnn_resnet18_fpn", 5, norm=norm, anchor_sizes=[16, 32, 64, 128, 256], **TINY)
+    # 64 sampled RoIs per image instead of 512: the box head's big linear layer dominates CPU time.
+    model.roi_heads.fg_bg_sampler.batch_size_per_image = 64
+    return model.train()
+
+
+def batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = [torch.rand(3, 64, 80, generator=g), torch.rand(3, 72, 64, generator=g)]
+    targets = []
+    for image in images:
+        h, w = image.shape[1:]
+        xy = torch.rand(2, 2, generator=g) * torch.tensor([w / 2, h / 2])
+        wh = torch.rand(2, 2, generator=g) * torch.tensor([w / 2, h / 2]) + 8
+        targets.append({"boxes": torch.cat([xy, xy + wh], 1), "labels": torch.randint(1, 5, (2,), generator=g)})
+    return images, targets
+
+
+def clean_pass(model, images, targets, at="layer2"):
+    image_list, targets = prepare(model, images, targets)
+    feats = head(model, image_list.tensors, at)
+    losses, state = tail(model, feats, at, image_list, targets, return_state=True)
+    return image_list, targets, feats, losses, state
+
+
+def bn_buffers(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+@pytest.mark.parametrize("norm", ["frozen", "bn"])
+def test_base_step_equals_torchvision(norm):
+    model = make_model(norm)
+    reference = copy.deepcopy(model)  # BN statistics move with every training pass
+    images, targets = batch()
+    torch.manual_seed(5)
+    expected = reference(images, targets)
+    torch.manual_seed(5)
+    result = base_step(model, images, targets)
+    assert list(result.losses) == list(expected)
+    for key, value in expected.items():
+        assert torch.allclose(result.losses[key], value.detach(), atol=1e-5, rtol=0), key
+    assert torch.allclose(result.loss, sum(expected.values()), atol=1e-5, rtol=0)
+    # The A-FAN step's clean term is the same pass (same random sampling).
+    torch.manual_seed(5)
+    cfg = AfanConfig(se_steps=0, n=1, mask="0", sd=False)
+    afan_result = afan_step(copy.deepcopy(reference), images, targets, cfg)
+    assert torch.allclose(afan_result.losses["loss_0"], result.loss.detach(), atol=1e-5, rtol=0)
+
+
+def test_attacks_are_bounded_and_touch_neither_grads_nor_bn_stats():
+    model = make_model("bn")
+    afan.convert_aux_bn(model, after="backbone.body.layer2")
+    cfg = AfanConfig(se_steps=2, gamma_se=1.0, sd_steps=3, gamma_sd=0.1, aux_bn=True)
+    images, targets = batch()
+    image_list, targets, feats, _, state = clean_pass(model, images, targets)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    buffers = bn_buffers(model)
+    assert any(".aux_bn." in k for k in buffers)
+
+    h_adv = se_attack(model, feats, "layer2", image_list, targets, cfg)
+    pooled_adv = sd_attack(model, state.roi, cfg)
+
+    se_delta = (h_adv - feats["layer2"]).abs().max().item()
+    sd_delta = (pooled_adv - state.roi.pooled).abs().max().item()
+    assert 0 < se_delta <= 2 * 1.0 / 255 + 1e-6
+    assert 0 < sd_delta <= 3 * 0.1 / 255 + 1e-6
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, grads[name]), name
+    for key, value in bn_buffers(model).items():
+        assert torch.equal(value, buffers[key]), key
+
+
+def test_attacks_raise_their_loss():
+    model = make_model()
+    cfg = AfanConfig(se_steps=1, gamma_se=20.0, sd_steps=1, gamma_sd=20.0)
+    se_gain, sd_gain = [], []
+    for seed in range(3):
+        images, targets = batch(seed)
+        image_list, targets, feats, _, state = clean_pass(model, images, targets)
+        h_adv = se_attack(model, feats, "layer2", image_list, targets, cfg)
+        pooled_adv = sd_attack(model, state.roi, cfg)
+        with torch.no_grad():
+            def se_loss(feature):
+                torch.manual_seed(100 + seed)  # the same RPN/RoI sampling for both
+                return sum(tail(model, {**feats, "layer2": feature}, "layer2", image_list, targets).values())
+
+            def sd_loss(pooled):
+                return sum(box_losses(model, pooled, state.roi.labels, state.roi.regression_targets).values())
+
+            se_gain.append(se_loss(h_adv) - se_loss(feats["layer2"]))
+            sd_gain.append(sd_loss(pooled_adv) - sd_loss(state.roi.pooled))
+    assert sum(se_gain) > 0
+    assert all(g > 0 for g in sd_gain)
+
+
+@pytest.mark.parametrize("options", [{}, {"sd_mix": True, "sd_noise": 0.5, "only_roi": False},
+                                     {"sd": False, "n": 2, "mask": "01"}])
+def test_afan_step_loss_is_the_release_formula(options):
+    model = make_model()
+    cfg = AfanConfig(**options)
+    images, targets = batch()
+    result = afan_step(model, images, targets, cfg)
+    terms = [result.losses[f"loss_{i}"] for i in range(cfg.n + 1)]
+    expected = sum(terms) / 3
+    if cfg.sd:
+        expected = expected * (1 - cfg.w) + result.losses["loss_sd"] / 3 * cfg.w
+        assert result.sd_perturbation.abs().max() <= cfg.sd_steps * cfg.gamma_sd / 255 + 1e-6
+    else:
+        assert "loss_sd" not in result.losses and result.sd_perturbation is None
+    assert torch.allclose(result.loss.detach(), expected, atol=1e-6)
+    assert result.se_perturbation.abs().max() <= cfg.se_steps * cfg.gamma_se / 255 + 1e-6
+    assert {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"} <= set(result.losses)
+
+
+def _assert_finite_grads(model, loss):
+    model.zero_grad()
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_afan_step_with_aux_bn_backprops():
+    model = make_model("bn")
+    afan.convert_aux_bn(model, after="backbone.body.layer2")
+    cfg = AfanConfig(aux_bn=True, sd_mix=True)
+    result = afan_step(model, *batch(), cfg)
+    assert torch.isfinite(result.loss)
+    _assert_finite_grads(model, result.loss)
+    # The adversarial passes trained the auxiliary BN of layer3, the clean pass the main one.
+    bn = model.backbone.body.layer3[0].bn1
+    assert bn.weight.grad.abs().sum() > 0 and bn.aux_bn[0].weight.grad.abs().sum() > 0
+
+
+def test_advprop_step_backprops_and_pgd_is_bounded():
+    model = make_model("bn")
+    afan.convert_aux_bn(model)
+    cfg = AdvPropConfig(steps=2, step_size=1.0, eps=2.0)
+    images, targets = batch()
+    buffers = bn_buffers(model)
+    with afan.frozen_bn_stats(model), afan.use_aux_bn(model):  # as advprop_step runs it
+        adv = pixel_pgd(model, images, targets, cfg)
+    for key, value in bn_buffers(model).items():
+        assert torch.equal(value, buffers[key]), key
+    for a, x in zip(adv, images):
+        assert a.shape == x.shape and a.min() >= 0 and a.max() <= 1
+        assert (a - x).abs().max() <= 2 / 255 + 1e-6
+    result = advprop_step(model, images, targets, cfg)
+    assert torch.allclose(result.loss.detach(), (result.losses["loss_clean"] + result.losses["loss_adv"]) / 2)
+    _assert_finite_grads(model, result.loss)
+    bn = model.backbone.body.layer3[0].bn1  # layer1 is frozen (trainable_layers=3)
+    assert bn.weight.grad.abs().sum() > 0 and bn.aux_bn[0].weight.grad.abs().sum() > 0
+
+
+def test_advprop_needs_aux_bn():
+    with pytest.raises(ValueError, match="convert_aux_bn"):
+        advprop_step(make_model(), *batch(), AdvPropConfig())
+
+
+def test_tail_sd_transforms_pooled_roi_features_only():
+    model = make_model()
+    images, targets = batch()
+    image_list, targets = prepare(model, images, targets)
+    feats = head(model, image_list.tensors, "layer3")
+    runs = []
+    for fn in (None, lambda pooled: pooled, lambda pooled: pooled + 1):
+        torch.manual_seed(7)
+        runs.append(tail(model, feats, "layer3", image_list, targets, sd=fn))
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert torch.equal(runs[0]["loss_objectness"], runs[2]["loss_objectness"])
+    assert not torch.equal(runs[0]["loss_classifier"], runs[2]["loss_classifier"])
