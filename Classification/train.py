@@ -13,7 +13,6 @@ validation. At the end the best model is scored on the test split and one line
 from __future__ import annotations
 
 import bisect
-import json
 import math
 import sys
 import time
@@ -24,9 +23,9 @@ import torch
 import afan
 from afan.checkpoint import load_checkpoint, save_checkpoint
 from afan.cli import train_main
-from afan.config import ConfigError, config_to_dict
-from afan.rundir import RunDir, progress
-from afan.runtime import rng_state, seed_everything, select_device, set_rng_state
+from afan.config import ConfigError
+from afan.rundir import RunDir, progress, restore_training_state, training_state, write_summary
+from afan.runtime import seed_everything, select_device
 from Classification.config import OptimConfig, TrainConfig
 from Classification.data import build_datasets, make_loader
 from Classification.evaluation import evaluate
@@ -116,10 +115,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> d
     start_epoch, best_acc = 0, -1.0
     if resume:
         state = load_checkpoint(run_dir.last_checkpoint)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        restore_training_state(state, model, optimizer, scheduler)
         start_epoch, best_acc = state["epoch"] + 1, state["best_val_acc"]
         run_dir.metrics.truncate_after("epoch", state["epoch"])
         print(f"resuming {run_dir.path} at epoch {start_epoch}", flush=True)
@@ -139,11 +135,8 @@ def run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> d
             best_acc = row["val_acc"]
             best = checkpoint_payload(afan.strip_aux_bn(model))
             save_checkpoint({**best, "epoch": epoch, "val_acc": best_acc}, run_dir.best_checkpoint)
-        save_checkpoint({
-            **checkpoint_payload(model), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "epoch": epoch, "best_val_acc": best_acc,
-            "rng": rng_state(), "config": config_to_dict(cfg),
-        }, run_dir.last_checkpoint)
+        save_checkpoint(training_state(checkpoint_payload(model), optimizer, scheduler, cfg,
+                                       epoch=epoch, best_val_acc=best_acc), run_dir.last_checkpoint)
         print(f"epoch {epoch}: " + " ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"),
               flush=True)
     run_dir.metrics.plot(run_dir.file("curves.png"), x="epoch")
@@ -157,8 +150,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> d
         "best_val_acc": best_acc, "test_acc": test["top1"], "test_top5": test["top5"],
         "sec_per_epoch": sum(r["time"] for r in rows) / len(rows), "out": str(run_dir.path),
     }
-    (run_dir.file("summary.json")).write_text(json.dumps(summary, indent=1))
-    print("SUMMARY " + json.dumps(summary), flush=True)
+    write_summary(run_dir, summary)
     return summary
 
 

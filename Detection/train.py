@@ -15,7 +15,6 @@ data), with per-class AP in ``per_class_ap.csv`` and a few drawn predictions, an
 from __future__ import annotations
 
 import bisect
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,9 +26,8 @@ import torch
 import afan
 from afan.checkpoint import load_checkpoint, save_checkpoint
 from afan.cli import train_main
-from afan.config import config_to_dict
-from afan.rundir import RunDir, progress
-from afan.runtime import rng_state, seed_everything, select_device, set_rng_state
+from afan.rundir import RunDir, progress, restore_training_state, training_state, write_summary
+from afan.runtime import seed_everything, select_device
 from afan.sampler import ResumableSampler
 from Detection.config import AdvPropConfig, AfanConfig, ModelConfig
 from Detection.data import DataConfig, build_datasets, make_loader
@@ -133,10 +131,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> d
     start = 0
     if resume:
         state = load_checkpoint(run_dir.last_checkpoint)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        restore_training_state(state, model, optimizer, scheduler)
         start = state["iteration"]
         run_dir.metrics.truncate_after("iteration", start)
         print(f"resuming {run_dir.path} at iteration {start}", flush=True)
@@ -176,9 +171,8 @@ def run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> d
                                 sec_per_iter=(time.perf_counter() - tic) / count)
             window, count, tic = {}, 0, time.perf_counter()
         if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
-            save_checkpoint({**checkpoint_payload(model), "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "iteration": done,
-                             "rng": rng_state(), "config": config_to_dict(cfg)}, run_dir.last_checkpoint)
+            save_checkpoint(training_state(checkpoint_payload(model), optimizer, scheduler, cfg, iteration=done),
+                            run_dir.last_checkpoint)
     if run_dir.metrics.rows():
         run_dir.metrics.plot(run_dir.file("curves.png"), x="iteration")
 
@@ -190,8 +184,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> d
                "iterations": cfg.iterations, **metrics,
                "sec_per_iter": sum(r["sec_per_iter"] for r in rows) / max(len(rows), 1),
                "out": str(run_dir.path)}
-    run_dir.file("summary.json").write_text(json.dumps(summary, indent=1))
-    print("SUMMARY " + json.dumps(summary), flush=True)
+    write_summary(run_dir, summary)
     return summary
 
 

@@ -8,6 +8,7 @@ A run folder holds ``config.yaml`` (the resolved config), ``metrics.csv``, ``las
 from __future__ import annotations
 
 import csv
+import json
 import math
 import shutil
 from pathlib import Path
@@ -16,7 +17,8 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from afan.checkpoint import atomic_open
-from afan.config import save_config
+from afan.config import config_to_dict, save_config
+from afan.runtime import rng_state, set_rng_state
 
 CONFIG_NAME = "config.yaml"
 
@@ -177,3 +179,25 @@ def progress(iterable=None, *, total=None, desc=None, disable=None, **kwargs):
     """
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, total=total, desc=desc, disable=disable, **kwargs)
+
+
+def training_state(payload: dict, optimizer, scheduler, cfg, **progress_marks) -> dict:
+    """What ``last.pth`` holds to continue a run exactly: the model ``payload`` (the task's
+    checkpoint format), optimizer, scheduler, every RNG state, the config and the position
+    (e.g. ``epoch=``, ``iteration=``)."""
+    return {**payload, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "rng": rng_state(), "config": config_to_dict(cfg), **progress_marks}
+
+
+def restore_training_state(state: dict, model, optimizer, scheduler) -> None:
+    """Put a ``training_state`` back into fresh model, optimizer, scheduler and RNGs."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+
+
+def write_summary(run: RunDir, summary: dict) -> None:
+    """Save ``summary.json`` and print the one line ``SUMMARY {json}`` scripts parse."""
+    run.file("summary.json").write_text(json.dumps(summary, indent=1))
+    print("SUMMARY " + json.dumps(summary), flush=True)
