@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from afan.norm import check_mask
+
 from Classification.data import DataConfig
 
 
@@ -55,8 +57,7 @@ class AfanConfig:
             raise ValueError(f"afan.gamma and afan.eps must be >= 0, got {self.gamma} and {self.eps}")
         if self.n < 1:
             raise ValueError(f"afan.n must be >= 1, got {self.n}")
-        if len(self.mask) != self.n or set(self.mask) - {"0", "1"}:
-            raise ValueError(f"afan.mask {self.mask!r} must be {self.n} characters of 0/1 (one per strength, afan.n)")
+        check_mask(self.mask, self.n, "afan.mask")
 
 
 @dataclass

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from afan.norm import check_mask
+
 SPLIT_POINTS = ("layer1", "layer2", "layer3", "layer4")
 
 
@@ -66,8 +68,7 @@ class AfanConfig:
                 raise ValueError(f"afan.{name} must be >= 0, got {getattr(self, name)}")
         if self.n < 1:
             raise ValueError(f"afan.n must be >= 1, got {self.n}")
-        if len(self.mask) != self.n or set(self.mask) - {"0", "1"}:
-            raise ValueError(f"afan.mask {self.mask!r} must be {self.n} characters of 0/1 (one per strength, afan.n)")
+        check_mask(self.mask, self.n, "afan.mask")
         if not 0 <= self.w <= 1:
             raise ValueError(f"afan.w must be in [0, 1], got {self.w}")
 

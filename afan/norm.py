@@ -47,6 +47,14 @@ def mix_statistics(clean: torch.Tensor, adv: torch.Tensor, *, dim: Dim = 1, eps:
     return (clean - clean_mean) / clean_std * adv_std + adv_mean
 
 
+def check_mask(mask: str, n: int, name: str = "mixing mask") -> None:
+    """ValueError unless ``mask`` has one ``"0"``/``"1"`` character per strength."""
+    if len(mask) != n or set(mask) - {"0", "1"}:
+        example = "0" * (n // 2) + "1" * (n - n // 2)
+        raise ValueError(f"{name} {mask!r} must be {n} characters of '0'/'1', one per strength "
+                         f"(n = {n}), e.g. {example!r}")
+
+
 def mix_by_mask(clean: torch.Tensor, features: list[torch.Tensor], mask: str, *, dim: Dim = 1,
                 eps: float = 1e-5) -> list[torch.Tensor]:
     """Apply ``mix_statistics`` to the features whose mask character is ``"1"``.
@@ -55,11 +63,7 @@ def mix_by_mask(clean: torch.Tensor, features: list[torch.Tensor], mask: str, *,
     detection release: the two weakest stay as they are, the two strongest are replaced by
     the clean feature carrying their statistics.
     """
-    if len(mask) != len(features) or set(mask) - {"0", "1"}:
-        raise ValueError(
-            f"mixing mask {mask!r} must be {len(features)} characters of '0'/'1', one per "
-            f"strength (n = {len(features)}), e.g. {'0' * (len(features) // 2) + '1' * (len(features) - len(features) // 2)!r}"
-        )
+    check_mask(mask, len(features))
     return [mix_statistics(clean, f, dim=dim, eps=eps) if m == "1" else f for m, f in zip(mask, features)]
 
 
