@@ -124,3 +124,52 @@ def test_cache_returns_the_same_samples_without_rendering_again(monkeypatch):
     monkeypatch.setattr(shapes_module, "render_sample", lambda *a, **k: pytest.fail("rendered again"))
     assert all(torch.equal(cached[i][0], first[i]) for i in range(4))
     assert torch.equal(cached[-1][0], first[3])
+
+
+def test_dataset_exposes_classes_and_defaults():
+    ds = ShapesDataset("detection", split="val")
+    assert ds.classes == SHAPE_CLASSES and ds.num_classes == NUM_CLASSES == 6
+    assert len(ds) == 1000 and ds.image_size == 64
+    assert len(ShapesDataset("classification")) == 5000
+    assert "task='detection'" in repr(ds) and "split='val'" in repr(ds)
+
+
+def test_splits_are_disjoint_streams():
+    def fingerprints(split):
+        return {render_sample(0, split, i).image.tobytes() for i in range(50)}
+
+    train, val, test = fingerprints("train"), fingerprints("val"), fingerprints("test")
+    assert len(train) == len(val) == len(test) == 50
+    assert not (train & val or train & test or val & test)
+
+
+def test_same_scene_at_another_resolution():
+    # Scene parameters are drawn in relative units, so only the pixel grid changes.
+    agree = 0
+    for index in range(20):
+        small = render_sample(2, "train", index, image_size=32)
+        large = render_sample(2, "train", index, image_size=96)
+        agree += small.label == large.label
+        if np.array_equal(np.sort(small.labels), np.sort(large.labels)):
+            # The boxes scale with the image (within 1.5 pixels of the small grid per side:
+            # an occluded edge follows the occluder, which the small grid also rounds).
+            order_s, order_l = np.argsort(small.labels, kind="stable"), np.argsort(large.labels, kind="stable")
+            np.testing.assert_allclose(small.boxes[order_s] * 3, large.boxes[order_l], atol=4.5)
+    assert agree >= 19
+
+
+def test_worker_count_does_not_change_the_data():
+    ds = ShapesDataset("classification", size=8)
+    serial = next(iter(DataLoader(ds, batch_size=8, num_workers=0)))
+    parallel = next(iter(DataLoader(ds, batch_size=8, num_workers=2)))
+    assert torch.equal(serial[0], parallel[0]) and torch.equal(serial[1], parallel[1])
+
+
+def test_detection_batches_with_a_list_collate():
+    ds = ShapesDataset("detection", size=4, image_size=64, max_shapes=5)
+    images, targets = next(iter(DataLoader(ds, batch_size=4, collate_fn=lambda b: tuple(zip(*b)))))
+    assert len(images) == len(targets) == 4
+    for i, target in enumerate(targets):
+        mask = ShapesDataset("segmentation", size=4, image_size=64, max_shapes=5)[i][1]
+        # Detection labels (1..C) are exactly the segmentation classes present in the mask.
+        assert set(target["labels"].tolist()) == set(mask.unique().tolist()) - {0}
