@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from afan.norm import check_mask
+from afan import settings
+from afan.settings import check_nonnegative, check_strengths
 
 from Classification.data import DataConfig
 
@@ -51,27 +52,13 @@ class AfanConfig:
     aux_bn: bool = False  # the classification release had no auxiliary BN
 
     def __post_init__(self):
-        if self.steps < 0:
-            raise ValueError(f"afan.steps must be >= 0, got {self.steps}")
-        if self.gamma < 0 or self.eps < 0:
-            raise ValueError(f"afan.gamma and afan.eps must be >= 0, got {self.gamma} and {self.eps}")
-        if self.n < 1:
-            raise ValueError(f"afan.n must be >= 1, got {self.n}")
-        check_mask(self.mask, self.n, "afan.mask")
+        check_nonnegative(self, "afan", ("steps", "gamma", "eps"))
+        check_strengths(self)
 
 
 @dataclass
-class AdvPropConfig:
-    """Pixel-level PGD with auxiliary BN everywhere (DESIGN.md item 7); units of 1/255."""
-
-    steps: int = 5
-    step_size: float = 1.0
-    eps: float = 4.0
-    random_start: bool = True
-
-    def __post_init__(self):
-        if self.steps < 0 or self.step_size < 0 or self.eps < 0:
-            raise ValueError("advprop.steps, advprop.step_size and advprop.eps must be >= 0")
+class AdvPropConfig(settings.AdvPropConfig):
+    steps: int = 5  # the classification comparison runs 5 PGD steps, as A-FAN's default
 
 
 @dataclass

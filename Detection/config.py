@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from afan.norm import check_mask
+from afan.settings import check_nonnegative, check_strengths
 
 SPLIT_POINTS = ("layer1", "layer2", "layer3", "layer4")
 
@@ -21,6 +21,7 @@ class ModelConfig:
     trainable_layers: int = 3  # ResNet stages trained, counted from the last
     norm: Literal["frozen", "bn"] = "frozen"  # "bn" for auxiliary BN
     roi_batch_size: int = 512  # RoIs sampled per training image for the box head
+    representation_size: int = 1024  # width of the box head's two layers (torchvision's)
 
     def __post_init__(self):
         if not 0 < self.min_size <= self.max_size:
@@ -63,26 +64,5 @@ class AfanConfig:
     def __post_init__(self):
         if self.se_layer not in SPLIT_POINTS:
             raise ValueError(f"afan.se_layer must be one of {list(SPLIT_POINTS)}, got {self.se_layer!r}")
-        for name in ("se_steps", "sd_steps", "gamma_se", "gamma_sd", "eps_se", "sd_noise"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"afan.{name} must be >= 0, got {getattr(self, name)}")
-        if self.n < 1:
-            raise ValueError(f"afan.n must be >= 1, got {self.n}")
-        check_mask(self.mask, self.n, "afan.mask")
-        if not 0 <= self.w <= 1:
-            raise ValueError(f"afan.w must be in [0, 1], got {self.w}")
-
-
-@dataclass
-class AdvPropConfig:
-    """Pixel-level PGD with auxiliary BN everywhere (DESIGN.md item 7); units of 1/255."""
-
-    steps: int = 1
-    step_size: float = 1.0
-    eps: float = 4.0
-    random_start: bool = True
-
-    def __post_init__(self):
-        for name in ("steps", "step_size", "eps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"advprop.{name} must be >= 0, got {getattr(self, name)}")
+        check_nonnegative(self, "afan", ("se_steps", "sd_steps", "gamma_se", "gamma_sd", "eps_se", "sd_noise"))
+        check_strengths(self)

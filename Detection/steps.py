@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 import afan
-from Detection.config import AdvPropConfig, AfanConfig
+from afan.settings import AdvPropConfig
+from Detection.config import AfanConfig
 from Detection.models.parts import RoiSample, Targets, box_losses, forward_losses, head, prepare, tail
 
 

@@ -26,10 +26,11 @@ import torch
 import afan
 from afan.checkpoint import load_checkpoint, save_checkpoint
 from afan.cli import train_main
-from afan.rundir import RunDir, progress, restore_training_state, training_state, write_summary
+from afan.rundir import RunDir, perturbation_sizes, progress, restore_training_state, training_state, write_summary
 from afan.runtime import seed_everything, select_device
 from afan.sampler import ResumableSampler
-from Detection.config import AdvPropConfig, AfanConfig, ModelConfig
+from afan.settings import AdvPropConfig
+from Detection.config import AfanConfig, ModelConfig
 from Detection.data import DataConfig, build_datasets, make_loader
 from Detection.evaluation import run_evaluation
 from Detection.models import checkpoint_payload, create_model
@@ -94,7 +95,7 @@ def build_model(cfg: TrainConfig, num_classes: int, device) -> torch.nn.Module:
     m = cfg.model
     model = create_model(m.name, num_classes, min_size=m.min_size, max_size=m.max_size,
                          anchor_sizes=tuple(m.anchor_sizes), trainable_layers=m.trainable_layers, norm=m.norm,
-                         roi_batch_size=m.roi_batch_size)
+                         roi_batch_size=m.roi_batch_size, representation_size=m.representation_size)
     if cfg.mode == "afan" and cfg.afan.aux_bn:
         afan.convert_aux_bn(model, after=f"backbone.body.{cfg.afan.se_layer}")
     elif cfg.mode == "advprop":
@@ -108,13 +109,6 @@ def training_step(model, images, targets, cfg: TrainConfig):
     if cfg.mode == "advprop":
         return advprop_step(model, images, targets, cfg.advprop)
     return base_step(model, images, targets)
-
-
-def _sizes(name: str, delta) -> dict:
-    if delta is None:
-        return {}
-    flat = delta.detach().flatten(1)
-    return {f"{name}_l2": flat.norm(dim=1).mean().item(), f"{name}_linf": flat.abs().max().item()}
 
 
 def run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
@@ -160,7 +154,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> d
         optimizer.step()
         scheduler.step()
         values = {"loss": result.loss.item(), **{k: v.item() for k, v in result.losses.items()},
-                  **_sizes("se", result.se_perturbation), **_sizes("sd", result.sd_perturbation)}
+                  **perturbation_sizes("se", result.se_perturbation), **perturbation_sizes("sd", result.sd_perturbation)}
         for k, v in values.items():
             window[k] = window.get(k, 0.0) + v
         count += 1

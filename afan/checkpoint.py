@@ -14,6 +14,7 @@ import pickle
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -115,3 +116,31 @@ def key_mismatches(expected: Mapping, state: Mapping, *, optional: Callable[[str
     return [f"{label} ({len(keys)}): {', '.join(keys[:examples])}{', ...' if len(keys) > examples else ''}"
             for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
                                 ("shape mismatches", shapes)) if keys]
+
+
+def resolve_architecture(path, requested: Optional[str], recorded: Optional[str], check: Callable[[str], object],
+                         names) -> str:
+    """The architecture to build for the file at ``path``: the ``requested`` name or the one
+    the file ``recorded`` (they must agree), checked with ``check`` (raises ``ValueError``
+    for a name it does not know); ``names`` are listed when neither says."""
+    if requested is not None and recorded is not None and requested != recorded:
+        raise CheckpointError(f"{path} holds a {recorded} model, not the requested {requested}")
+    name = requested or recorded
+    if name is None:
+        raise CheckpointError(f"{path} does not say which architecture it holds (a plain state dict?); "
+                              f"pass name= (one of {', '.join(names)})")
+    try:
+        check(name)
+    except ValueError as error:  # only a name read from the file gets here
+        raise CheckpointError(f"{path}: {error}") from None
+    return name
+
+
+def resolve_num_classes(path, requested: Optional[int], declared: Optional[int], classifier) -> Optional[int]:
+    """The class count of the file at ``path``: the one it ``declared``, else the rows of its
+    ``classifier`` weight; a ``requested`` count must agree. None when nothing tells."""
+    if declared is None and isinstance(classifier, torch.Tensor):
+        declared = classifier.shape[0]
+    if requested is not None and declared is not None and requested != declared:
+        raise CheckpointError(f"{path} holds a model for {declared} classes, but num_classes={requested} was asked for")
+    return requested or declared

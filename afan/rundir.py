@@ -201,3 +201,12 @@ def write_summary(run: RunDir, summary: dict) -> None:
     """Save ``summary.json`` and print the one line ``SUMMARY {json}`` scripts parse."""
     run.file("summary.json").write_text(json.dumps(summary, indent=1))
     print("SUMMARY " + json.dumps(summary), flush=True)
+
+
+def perturbation_sizes(name: str, delta) -> dict:
+    """``{name}_l2`` (mean per-sample L2 norm) and ``{name}_linf`` (largest entry) of a
+    perturbation batch, for the metrics log; nothing when there is no perturbation."""
+    if delta is None:
+        return {}
+    flat = delta.detach().flatten(1)
+    return {f"{name}_l2": flat.norm(dim=1).mean().item(), f"{name}_linf": flat.abs().max().item()}

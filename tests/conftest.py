@@ -1,7 +1,10 @@
-"""Shared fixtures: a tiny CNN split into head and tail, small enough for fast CPU tests."""
+"""Shared fixtures: a tiny CNN split into head and tail, small enough for fast CPU tests, and the
+resume check of the iteration-based trainers."""
 import pytest
 import torch
 from torch import nn
+
+from afan.checkpoint import load_checkpoint
 
 
 class TinyNet(nn.Module):
@@ -30,3 +33,32 @@ def tiny_net():
 def batch():
     g = torch.Generator().manual_seed(1)
     return torch.rand(6, 3, 8, 8, generator=g), torch.randint(0, 4, (6,), generator=g)
+
+
+@pytest.fixture
+def check_resume(tmp_path, monkeypatch):
+    """``check(train_module, settings)``: runs the module's ``main`` with ``settings`` (4
+    iterations, a checkpoint every 2) once whole and once stopped by an interrupt at the third
+    step, resumes the stopped run, and asserts both end with the same weights and log rows."""
+    def check(train_module, settings):
+        assert train_module.main([*settings, f"out={tmp_path / 'whole'}"]) == 0
+        real_step, calls = train_module.training_step, []
+
+        def stop_at_third(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return real_step(*args, **kwargs)
+
+        monkeypatch.setattr(train_module, "training_step", stop_at_third)
+        with pytest.raises(KeyboardInterrupt):
+            train_module.main([*settings, f"out={tmp_path / 'cut'}"])
+        monkeypatch.setattr(train_module, "training_step", real_step)
+        assert load_checkpoint(tmp_path / "cut" / "last.pth")["iteration"] == 2
+        assert train_module.main(["--resume", f"out={tmp_path / 'cut'}"]) == 0
+        whole, cut = (load_checkpoint(tmp_path / name / "last.pth")["model"] for name in ("whole", "cut"))
+        for key, value in whole.items():
+            assert torch.equal(value, cut[key]), key
+        rows = (tmp_path / "cut" / "metrics.csv").read_text().splitlines()
+        assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
+    return check

@@ -4,7 +4,8 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from afan.checkpoint import CheckpointError, atomic_open, load_checkpoint, save_checkpoint
+from afan.checkpoint import (CheckpointError, atomic_open, load_checkpoint, resolve_architecture, resolve_num_classes,
+                             save_checkpoint)
 
 
 def plant_marker(path):
@@ -144,3 +145,29 @@ def test_malicious_file_is_refused_without_running_code(tmp_path, legacy):
     # The file really is malicious: an unsafe load runs the payload.
     torch.load(path, weights_only=False)
     assert marker.read_text() == "code ran"
+
+
+def _known(name):
+    if name not in ("small", "large"):
+        raise ValueError(f"unknown model {name!r}; choose small or large")
+
+
+def test_resolve_architecture_agrees_with_the_file_or_says_what_to_pass():
+    assert resolve_architecture("f.pth", None, "small", _known, ["small", "large"]) == "small"
+    assert resolve_architecture("f.pth", "large", None, _known, ["small", "large"]) == "large"
+    with pytest.raises(CheckpointError, match="f.pth holds a small model, not the requested large"):
+        resolve_architecture("f.pth", "large", "small", _known, ["small", "large"])
+    with pytest.raises(CheckpointError, match=r"f.pth does not say which architecture.*pass name= \(one of small, large\)"):
+        resolve_architecture("f.pth", None, None, _known, ["small", "large"])
+    with pytest.raises(CheckpointError, match="f.pth: unknown model 'tiny'"):
+        resolve_architecture("f.pth", None, "tiny", _known, ["small", "large"])
+
+
+def test_resolve_num_classes_reads_the_classifier_and_checks_the_request():
+    weight = torch.zeros(7, 16)
+    assert resolve_num_classes("f.pth", None, None, weight) == 7
+    assert resolve_num_classes("f.pth", None, 5, weight) == 5  # what the file declares wins
+    assert resolve_num_classes("f.pth", 3, None, None) == 3
+    assert resolve_num_classes("f.pth", None, None, None) is None
+    with pytest.raises(CheckpointError, match="f.pth holds a model for 7 classes, but num_classes=3 was asked for"):
+        resolve_num_classes("f.pth", 3, None, weight)

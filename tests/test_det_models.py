@@ -57,7 +57,7 @@ def test_options():
 
 
 @pytest.mark.parametrize("bad", [{"name": "fasterrcnn_resnet5_fpn"}, {"num_classes": 1}, {"norm": "gn"},
-                                 {"anchor_sizes": [32]}, {"trainable_layers": 6}])
+                                 {"anchor_sizes": [32]}, {"trainable_layers": 6}, {"representation_size": 0}])
 def test_bad_arguments(bad):
     kwargs = {"name": "fasterrcnn_resnet18_fpn", "num_classes": 3, **TINY, **bad}
     with pytest.raises(ValueError):
@@ -66,7 +66,9 @@ def test_bad_arguments(bad):
 
 def test_payload_round_trip_drops_aux_bn(tmp_path):
     torch.manual_seed(0)
-    model = create_model("fasterrcnn_resnet18_fpn", 4, norm="bn", anchor_sizes=[16, 32, 64, 128, 256], **TINY)
+    model = create_model("fasterrcnn_resnet18_fpn", 4, norm="bn", anchor_sizes=[16, 32, 64, 128, 256],
+                         representation_size=128, **TINY)
+    assert model.roi_heads.box_head.fc7.out_features == model.roi_heads.box_predictor.cls_score.in_features == 128
     randomize_norm_buffers(model)
     afan.convert_aux_bn(model, after="backbone.body.layer2")
     save_checkpoint(checkpoint_payload(model), tmp_path / "m.pt")

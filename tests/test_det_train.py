@@ -3,9 +3,7 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
-from afan.checkpoint import load_checkpoint
 from afan.config import ConfigError, load_config
 from Detection import test as det_test
 from Detection import train as det_train
@@ -40,29 +38,9 @@ def test_a_few_iterations_of_each_mode(tmp_path, tiny, mode, capsys):
         assert "se_linf" in rows[0] and "sd_linf" in rows[0] and "loss_sd" in rows[0]
 
 
-def test_resume_equals_an_uninterrupted_run(tmp_path, tiny, monkeypatch):
+def test_resume_equals_an_uninterrupted_run(tiny, check_resume):
     settings = [*tiny, "mode=afan", "iterations=4", "checkpoint_every=2", "deterministic=true"]
-    assert det_train.main([*settings, f"out={tmp_path / 'whole'}"]) == 0
-
-    real_step, calls = det_train.training_step, []
-
-    def stop_at_third(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(det_train, "training_step", stop_at_third)
-    with pytest.raises(KeyboardInterrupt):
-        det_train.main([*settings, f"out={tmp_path / 'cut'}"])
-    monkeypatch.setattr(det_train, "training_step", real_step)
-    assert load_checkpoint(tmp_path / "cut" / "last.pth")["iteration"] == 2
-    assert det_train.main(["--resume", f"out={tmp_path / 'cut'}"]) == 0
-    whole, cut = (load_checkpoint(tmp_path / name / "last.pth")["model"] for name in ("whole", "cut"))
-    for key, value in whole.items():
-        assert torch.equal(value, cut[key]), key
-    rows = (tmp_path / "cut" / "metrics.csv").read_text().splitlines()
-    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
+    check_resume(det_train, settings)
 
 
 def test_test_script_reproduces_the_training_evaluation(tmp_path, tiny, capsys):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from afan.config import load_config
-from afan.rundir import MetricsLog, RunDir, progress
+from afan.rundir import MetricsLog, RunDir, perturbation_sizes, progress
 
 
 @dataclass
@@ -160,3 +160,11 @@ def test_progress_bar(capsys):
     assert sum(bar) == 3
     bar.close()
     assert "x" in capsys.readouterr().err
+
+
+def test_perturbation_sizes_are_the_mean_l2_and_the_largest_entry():
+    delta = torch.zeros(2, 3, 2, 2)
+    delta[0, 0, 0, 0], delta[0, 1, 1, 1] = 3.0, -4.0  # sample norms 5 and 0
+    sizes = perturbation_sizes("se", delta)
+    assert sizes == {"se_l2": pytest.approx(2.5), "se_linf": pytest.approx(4.0)}
+    assert perturbation_sizes("sd", None) == {}

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from afan import strip_aux_state_dict
-from afan.checkpoint import CheckpointError, key_mismatches, load_checkpoint
+from afan.checkpoint import (CheckpointError, key_mismatches, load_checkpoint, resolve_architecture,
+                             resolve_num_classes)
 
 from .registry import MODEL_NAMES, create_model, model_class
 from .release import convert_release_state_dict, is_release_state_dict
@@ -86,28 +87,11 @@ def load_model(path, name: Optional[str] = None, num_classes: Optional[int] = No
         model_class(name)  # a bad argument is reported before the file is read
     state, arch, declared, norm = _unpack(path, load_checkpoint(path))
     state = strip_aux_state_dict(state)
-    if name is not None and arch is not None and name != arch:
-        raise CheckpointError(f"{path} holds a {arch} model, not the requested {name}")
-    name = name or arch
-    if name is None:
-        raise CheckpointError(
-            f"{path} holds a plain state dict, which does not record its architecture; "
-            f"pass name= (one of {', '.join(MODEL_NAMES)})"
-        )
-    try:
-        cls = model_class(name)
-    except ValueError as error:  # only a name read from the file gets here
-        raise CheckpointError(f"{path}: {error}") from None
-    classifier = state.get(cls.classifier_key)
-    if declared is None and isinstance(classifier, torch.Tensor):
-        declared = classifier.shape[0]
-    if num_classes is not None and declared is not None and num_classes != declared:
-        raise CheckpointError(
-            f"{path} holds a model for {declared} classes, but num_classes={num_classes} was asked for"
-        )
+    name = resolve_architecture(path, name, arch, model_class, MODEL_NAMES)
+    num_classes = resolve_num_classes(path, num_classes, declared, state.get(model_class(name).classifier_key))
     # Without a classifier weight the class count is unknown; any count will do, as the
     # key check then fails on the missing classifier anyway.
-    model = create_model(name, num_classes or declared or 1, **norm)
+    model = create_model(name, num_classes or 1, **norm)
     _check_keys(path, model, state)
     model.load_state_dict(state, strict=True)
     return model.eval()

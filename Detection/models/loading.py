@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from afan import strip_aux_state_dict
-from afan.checkpoint import CheckpointError, key_mismatches, load_checkpoint
+from afan.checkpoint import (CheckpointError, key_mismatches, load_checkpoint, resolve_architecture,
+                             resolve_num_classes)
 
 from .faster_rcnn import MODEL_NAMES, check_name, create_model
 
@@ -70,24 +71,11 @@ def load_model(path, name: Optional[str] = None, num_classes: Optional[int] = No
         check_name(name)  # a bad argument is reported before the file is read
     state, arch, declared, recorded = _unpack(path, load_checkpoint(path))
     state = {k.removeprefix("module."): v for k, v in strip_aux_state_dict(state).items()}
-    if name is not None and arch is not None and name != arch:
-        raise CheckpointError(f"{path} holds a {arch} model, not the requested {name}")
-    name = name or arch
-    if name is None:
-        raise CheckpointError(f"{path} holds a plain state dict, which does not record its architecture; "
-                              f"pass name= (one of {', '.join(MODEL_NAMES)})")
-    try:
-        check_name(name)
-    except ValueError as error:  # only a name read from the file gets here
-        raise CheckpointError(f"{path}: {error}") from None
-    classifier = state.get(CLASSIFIER_KEY)
-    if declared is None and isinstance(classifier, torch.Tensor):
-        declared = classifier.shape[0]
-    if num_classes is not None and declared is not None and num_classes != declared:
-        raise CheckpointError(f"{path} holds a model for {declared} classes, but num_classes={num_classes} was asked for")
+    name = resolve_architecture(path, name, arch, check_name, MODEL_NAMES)
+    num_classes = resolve_num_classes(path, num_classes, declared, state.get(CLASSIFIER_KEY))
     try:
         # Without a classifier weight the count is unknown; the key check then fails anyway.
-        model = create_model(name, num_classes or declared or 2, **{**recorded, **kw})
+        model = create_model(name, num_classes or 2, **{**recorded, **kw})
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: cannot build {name} with {({**recorded, **kw})}: {error}") from None
     # BatchNorm's step counter is not part of what a model computes: torchvision's own

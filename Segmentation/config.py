@@ -1,0 +1,128 @@
+"""Settings of a segmentation run: dataclass defaults, overridden by a YAML file and
+``key=value`` arguments (see ``afan.config``). Defaults are the VOC2012 release's
+(DeepLabv3+ R-50, output stride 16, on DeepLabV3Plus-Pytorch's recipe)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from afan.settings import AdvPropConfig, check_nonnegative, check_strengths
+from Segmentation.data import DataConfig
+from Segmentation.models.deeplab import MODEL_NAMES, OUTPUT_STRIDES, SPLIT_POINTS
+
+
+@dataclass
+class ModelConfig:
+    name: str = "deeplabv3plus_resnet50"
+    output_stride: int = 16
+    # A torchvision ImageNet state dict of the backbone (resnet50-*.pth, mobilenet_v2-*.pth),
+    # read from disk; the released runs start from one. Empty: random initialisation.
+    backbone_weights: str = ""
+
+    def __post_init__(self):
+        if self.name not in MODEL_NAMES:
+            raise ValueError(f"model.name={self.name!r} is not valid; choose one of {', '.join(MODEL_NAMES)}")
+        if self.output_stride not in OUTPUT_STRIDES:
+            raise ValueError(f"model.output_stride={self.output_stride!r} is not valid; use 8 or 16")
+
+
+@dataclass
+class OptimConfig:
+    """SGD (as released) or AdamW with the poly schedule ``lr * (1 - it / iterations) ** power``;
+    the backbone learns at ``backbone_lr_factor`` times the rate (DeepLabV3Plus-Pytorch: 0.1).
+    AdamW ignores ``momentum``; it is there for short runs from random weights (Shapes)."""
+
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    power: float = 0.9
+    backbone_lr_factor: float = 0.1
+
+    def __post_init__(self):
+        if self.name not in ("sgd", "adamw"):
+            raise ValueError(f"optim.name={self.name!r} is not valid; choose sgd or adamw")
+        if self.lr <= 0 or self.power < 0 or self.backbone_lr_factor < 0:
+            raise ValueError("optim.lr must be > 0, optim.power and optim.backbone_lr_factor >= 0")
+        if self.weight_decay < 0 or self.momentum < 0:
+            raise ValueError("optim.weight_decay and optim.momentum must be >= 0")
+
+
+@dataclass
+class AfanConfig:
+    """A-FAN for DeepLabv3+ (DESIGN.md items 1-6), the VOC2012 release's settings.
+
+    SE: feature PGD after backbone stage ``se_layer``, ``se_steps`` steps of
+    ``gamma_se / 255`` (no random start, no projection, as released), ``n`` strengths mixed
+    by ``mask``. SD: PGD on the ASPP output, ``sd_steps`` steps of ``gamma_sd / 255``;
+    ``sd_mix`` re-normalises the clean ASPP output with the adversarial statistics,
+    ``sd_noise`` adds uniform noise in ``[-1, 1] * gamma_sd * sd_noise``. Loss:
+    ``(1 - w) L_0 + w / k * (L_1 + ... + L_n + L_sd)`` with ``k`` adversarial terms; the
+    release's ``w = 0.3``, ``n = 2`` gives ``0.7 L_0 + 0.1 L_1 + 0.1 L_2 + 0.1 L_sd``.
+    """
+
+    se_layer: str = "layer3"
+    se_steps: int = 1
+    gamma_se: float = 0.01
+    n: int = 2
+    mask: str = "11"
+    sd: bool = True
+    sd_steps: int = 1
+    gamma_sd: float = 0.4
+    sd_mix: bool = False
+    sd_noise: float = 0.0
+    w: float = 0.3  # total weight of the adversarial terms
+    aux_bn: bool = False  # adversarial passes through auxiliary BN
+
+    def __post_init__(self):
+        if self.se_layer not in SPLIT_POINTS:
+            raise ValueError(f"afan.se_layer must be one of {list(SPLIT_POINTS)}, got {self.se_layer!r}")
+        check_nonnegative(self, "afan", ("se_steps", "sd_steps", "gamma_se", "gamma_sd", "sd_noise"))
+        check_strengths(self)
+
+
+@dataclass
+class EvalConfig:
+    """How the validation images are predicted: ``whole`` images at once, or ``sliding``
+    ``crop``-sized windows every ``stride`` pixels, their logits averaged where they overlap."""
+
+    mode: Literal["whole", "sliding"] = "whole"
+    crop: int = 513
+    stride: int = 341
+    batch_size: int = 1  # validation images of real data sets differ in size
+    save_images: int = 4  # colourised predictions written at the end
+
+    def __post_init__(self):
+        if self.mode not in ("whole", "sliding"):
+            raise ValueError(f"eval.mode={self.mode!r} is not valid; use whole or sliding")
+        if not 0 < self.stride <= self.crop:
+            raise ValueError(f"eval.stride must be in (0, eval.crop], got stride {self.stride}, crop {self.crop}")
+        if self.batch_size < 1 or self.save_images < 0:
+            raise ValueError("eval.batch_size must be >= 1 and eval.save_images >= 0")
+
+
+@dataclass
+class TrainConfig:
+    mode: Literal["base", "afan", "advprop"] = "base"
+    iterations: int = 30000
+    batch_size: int = 4
+    eval_every: int = 0  # also evaluate (and keep best.pth) every N iterations; 0: only at the end
+    checkpoint_every: int = 1000
+    log_every: int = 10
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"
+    out: str = "runs/segmentation"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    afan: AfanConfig = field(default_factory=AfanConfig)
+    advprop: AdvPropConfig = field(default_factory=AdvPropConfig)
+
+    def __post_init__(self):
+        for name in ("iterations", "batch_size", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")

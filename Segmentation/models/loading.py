@@ -1,0 +1,112 @@
+"""Segmentation checkpoints: this project's payload, DeepLabV3Plus-Pytorch's and plain state dicts.
+
+``checkpoint_payload(model)`` is what training saves. ``load_model`` reads it, a
+DeepLabV3Plus-Pytorch checkpoint (``{'model_state': ...}``, the format the original A-FAN
+segmentation code wrote) or a plain state dict into an evaluation model with plain BatchNorm.
+Files that do not record the architecture have it read off their keys. Every problem becomes
+one ``CheckpointError`` naming the file; nothing is loaded partially.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from afan import strip_aux_state_dict
+from afan.checkpoint import (CheckpointError, key_mismatches, load_checkpoint, resolve_architecture,
+                             resolve_num_classes)
+
+from .deeplab import MODEL_NAMES, DeepLabV3Plus, check_name, create_model
+
+_EXAMPLES = 5
+
+
+def checkpoint_payload(model: nn.Module) -> dict:
+    """``{"model", "arch", "num_classes", "model_kwargs"}``, what ``load_model`` rebuilds from."""
+    return {"model": model.state_dict(), "arch": model.arch, "num_classes": model.num_classes,
+            "model_kwargs": dict(model.model_kwargs)}
+
+
+def _unpack(path: Path, checkpoint: Mapping):
+    """``(state, arch, num_classes, model_kwargs)``; unknown entries are None / {}."""
+    if isinstance(checkpoint.get("model"), Mapping):
+        return (dict(checkpoint["model"]), checkpoint.get("arch"), checkpoint.get("num_classes"),
+                dict(checkpoint.get("model_kwargs") or {}))
+    if isinstance(checkpoint.get("model_state"), Mapping):  # DeepLabV3Plus-Pytorch
+        return dict(checkpoint["model_state"]), None, None, {}
+    if checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        return dict(checkpoint), None, None, {}
+    raise CheckpointError(
+        f"{path} is not a segmentation checkpoint this project reads (top-level keys: "
+        f"{list(checkpoint)[:_EXAMPLES]}). Expected {{'model': state_dict, 'arch', 'num_classes'}} as "
+        "training writes it, DeepLabV3Plus-Pytorch's {'model_state': state_dict}, or a plain state dict"
+    )
+
+
+def infer_arch(state: Mapping) -> Optional[str]:
+    """The architecture a DeepLabv3+ state dict belongs to, from its keys (None if unknown):
+    MobileNetV2 has ``backbone.high_level_features``; ResNet-101 has 23 ``layer3`` blocks,
+    ResNet-50 six."""
+    if any(k.startswith("backbone.high_level_features.") for k in state):
+        return "deeplabv3plus_mobilenet"
+    if "backbone.layer3.22.conv1.weight" in state:
+        return "deeplabv3plus_resnet101"
+    if "backbone.layer3.5.conv1.weight" in state:
+        return "deeplabv3plus_resnet50"
+    return None
+
+
+def load_model(path, name: Optional[str] = None, num_classes: Optional[int] = None,
+               output_stride: Optional[int] = None) -> DeepLabV3Plus:
+    """The DeepLabv3+ stored at ``path``, in eval mode, with plain BatchNorm.
+
+    ``name`` and ``num_classes`` are read from the file (or its keys) when not given; given,
+    they must agree with it. ``output_stride`` is not visible in the weights (the same
+    weights run at 8 or 16): it defaults to the one recorded by training, else 16.
+    ``module.`` prefixes and auxiliary-BN entries (``*.aux_bn.*``) are dropped.
+    """
+    path = Path(path)
+    if name is not None:
+        check_name(name)  # a bad argument is reported before the file is read
+    state, arch, declared, recorded = _unpack(path, load_checkpoint(path))
+    state = {k.removeprefix("module."): v for k, v in strip_aux_state_dict(state).items()}
+    name = resolve_architecture(path, name, arch or infer_arch(state), check_name, MODEL_NAMES)
+    num_classes = resolve_num_classes(path, num_classes, declared, state.get(DeepLabV3Plus.classifier_key))
+    stride = output_stride or recorded.get("output_stride", 16)
+    model = create_model(name, num_classes or 2, output_stride=stride)
+    problems = key_mismatches(model.state_dict(), state, examples=_EXAMPLES)
+    if problems:
+        raise CheckpointError(f"{path} does not fit {name} with {model.num_classes} classes; "
+                              + "; ".join(problems) + ". Is it a checkpoint of another architecture? Pass the right name=")
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def _backbone_key(arch: str, key: str) -> str:
+    """A torchvision ImageNet key as this model's backbone names it (MobileNetV2's
+    ``features.<i>`` are split into low- and high-level parts, keeping their indices)."""
+    if arch == "deeplabv3plus_mobilenet" and key.startswith("features."):
+        index = int(key.split(".")[1])
+        return f"{'low' if index < 4 else 'high'}_level_features.{key.removeprefix('features.')}"
+    return key
+
+
+def load_backbone_weights(model: DeepLabV3Plus, path) -> None:
+    """Load a torchvision ImageNet state dict (``resnet50-*.pth``, ``mobilenet_v2-*.pth``,
+    read from disk, nothing downloaded) into ``model.backbone``. The classifier (``fc``,
+    ``classifier``) and MobileNetV2's last 1x1 block, which DeepLabv3+ does not use, are
+    skipped; anything else that does not fit is a ``CheckpointError``."""
+    path = Path(path)
+    checkpoint = load_checkpoint(path)
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint.get("state_dict"), Mapping) else checkpoint
+    expected = model.backbone.state_dict()
+    unused = ("fc.", "classifier.", "features.18.")
+    mapped = {_backbone_key(model.arch, k): v for k, v in
+              ((k.removeprefix("module."), v) for k, v in state.items()) if not k.startswith(unused)}
+    problems = key_mismatches(expected, mapped, examples=_EXAMPLES)
+    if problems:
+        raise CheckpointError(f"{path} is not a torchvision ImageNet backbone for {model.arch}; " + "; ".join(problems))
+    model.backbone.load_state_dict(mapped, strict=True)

@@ -1,0 +1,114 @@
+"""The loss of one segmentation training step in each mode: ``base``, ``afan`` and ``advprop``.
+
+Each function runs the forward passes (and the attacks, if any) and returns a ``StepResult``;
+the training loop owns the optimizer. Images are [0, 1] batches ``[N, 3, H, W]``, masks
+``[N, H, W]`` class ids with 255 ignored. The passes are the model's ``head`` (clean features,
+once per step), ``encode`` (rest of the backbone and ASPP) and ``decode`` (see
+``Segmentation.models.deeplab``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import afan
+from afan.settings import AdvPropConfig
+from Segmentation.config import AfanConfig
+
+IGNORE_INDEX = 255
+
+
+@dataclass
+class StepResult:
+    loss: Tensor  # what to back-propagate
+    logits: Tensor  # the clean pass's logits, for training metrics
+    losses: dict[str, Tensor]  # detached scalars for logging (see each step for the keys)
+    perturbation: Optional[Tensor] = None  # SE feature (afan) or image (advprop): adversarial minus clean
+    sd_perturbation: Optional[Tensor] = None  # SD: adversarial minus clean ASPP output
+
+
+def segmentation_loss(logits: Tensor, masks: Tensor) -> Tensor:
+    """Mean cross-entropy over the pixels that are not ``IGNORE_INDEX``."""
+    return F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
+
+
+def base_step(model, images: Tensor, masks: Tensor) -> StepResult:
+    logits = model(images)
+    loss = segmentation_loss(logits, masks)
+    return StepResult(loss, logits, {"loss_0": loss.detach()})
+
+
+def afan_step(model, images: Tensor, masks: Tensor, cfg: AfanConfig) -> StepResult:
+    """A-FAN for DeepLabv3+ (DESIGN.md items 1-6), the release's loss:
+
+    ``(1 - w) L_0 + w / k * (L_1 + ... + L_n + L_sd)``
+
+    ``L_0`` clean, ``L_i`` the tails on the ``n`` SE strengths (mixed by ``mask``), ``L_sd``
+    the decoder on the SD-attacked ASPP output (``k = n + 1``; ``n`` without SD). The
+    attacks run with batch statistics but leave BN running statistics and parameter
+    gradients untouched; every adversarial pass uses the auxiliary BN when ``cfg.aux_bn``.
+    ``losses`` holds ``loss_0`` ... ``loss_n`` and ``loss_sd``.
+    """
+    at, size = cfg.se_layer, images.shape[-2:]
+    h, low_level = model.head(images, at)  # clean features, reused by every pass below
+    aspp_out = model.encode(h, at)
+    logits = model.decode(aspp_out, low_level, size)
+    terms = {"loss_0": segmentation_loss(logits, masks)}
+    # The attacks differentiate only towards the attacked feature: the low-level feature
+    # they read is a constant for them.
+    fixed_low = low_level.detach()
+
+    def se_loss(feature):
+        return segmentation_loss(model.tail(feature, at, fixed_low, size), masks)
+
+    with afan.frozen_bn_stats(model), afan.use_aux_bn(model, enabled=cfg.aux_bn):
+        h_adv = afan.feature_pgd(h, se_loss, steps=cfg.se_steps, step_size=cfg.gamma_se / 255)
+    strengths = afan.mix_by_mask(h, afan.interpolate(h, h_adv, cfg.n), cfg.mask)
+    with afan.use_aux_bn(model, enabled=cfg.aux_bn):
+        for i, feature in enumerate(strengths, start=1):
+            terms[f"loss_{i}"] = segmentation_loss(model.tail(feature, at, low_level, size), masks)
+
+    sd_perturbation = None
+    if cfg.sd:
+        def sd_loss(feature):
+            return segmentation_loss(model.decode(feature, fixed_low, size), masks)
+
+        with afan.frozen_bn_stats(model), afan.use_aux_bn(model, enabled=cfg.aux_bn):
+            aspp_adv = afan.feature_pgd(aspp_out, sd_loss, steps=cfg.sd_steps, step_size=cfg.gamma_sd / 255)
+        sd_perturbation = aspp_adv - aspp_out.detach()
+        # The SD feature is a constant, as released: L_sd trains the decoder.
+        sd_feature = afan.mix_statistics(aspp_out.detach(), aspp_adv) if cfg.sd_mix else aspp_adv
+        if cfg.sd_noise:
+            noise = torch.rand_like(sd_feature) * 2 - 1
+            sd_feature = sd_feature + noise * (cfg.gamma_sd * cfg.sd_noise)
+        with afan.use_aux_bn(model, enabled=cfg.aux_bn):
+            terms["loss_sd"] = segmentation_loss(model.decode(sd_feature, low_level, size), masks)
+
+    adversarial = [v for k, v in terms.items() if k != "loss_0"]
+    loss = (1 - cfg.w) * terms["loss_0"] + cfg.w / len(adversarial) * sum(adversarial)
+    losses = {k: v.detach() for k, v in terms.items()}
+    return StepResult(loss, logits, losses, h_adv - h.detach(), sd_perturbation)
+
+
+def pixel_pgd(model, images: Tensor, masks: Tensor, cfg: AdvPropConfig) -> Tensor:
+    """An L-infinity PGD image batch in [0, 1] around ``images`` (radius and step in 1/255)."""
+    return afan.feature_pgd(images, lambda x: segmentation_loss(model(x), masks), steps=cfg.steps,
+                            step_size=cfg.step_size / 255, eps=cfg.eps / 255, random_start=cfg.random_start,
+                            project=True, bounds=(0.0, 1.0))
+
+
+def advprop_step(model, images: Tensor, masks: Tensor, cfg: AdvPropConfig) -> StepResult:
+    """AdvProp (DESIGN.md item 7): ``(L_clean + L_adv) / 2`` with pixel PGD; the attack and the
+    adversarial pass use the auxiliary BN (convert the model with ``afan.convert_aux_bn``)."""
+    with afan.frozen_bn_stats(model), afan.use_aux_bn(model):
+        adv_images = pixel_pgd(model, images, masks, cfg)
+    logits = model(images)
+    with afan.use_aux_bn(model):
+        loss_adv = segmentation_loss(model(adv_images), masks)
+    loss_clean = segmentation_loss(logits, masks)
+    losses = {"loss_clean": loss_clean.detach(), "loss_adv": loss_adv.detach()}
+    return StepResult((loss_clean + loss_adv) / 2, logits, losses, adv_images - images)

@@ -1,0 +1,60 @@
+"""Evaluate a segmentation checkpoint: mIoU, pixel accuracy, mean class accuracy, per-class IoU
+as CSV and a few colourised predictions (image | ground truth | prediction) as PNG.
+
+    python -m Segmentation.test --checkpoint runs/shapes_seg_afan/final.pth data.name=shapes
+    python -m Segmentation.test --checkpoint best_deeplabv3plus_resnet50_voc_os16.pth \
+        data.name=voc12 eval.mode=sliding
+
+Accepts this project's checkpoints, DeepLabV3Plus-Pytorch's ``{'model_state': ...}`` files and
+plain state dicts (the architecture is read off the keys). Prints one line ``SUMMARY {json}``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from afan.checkpoint import CheckpointError
+from afan.config import ConfigError, load_config
+from afan.loading import DataError
+from afan.runtime import select_device
+from Segmentation.config import EvalConfig
+from Segmentation.data import DataConfig, build_datasets
+from Segmentation.evaluation import run_evaluation
+from Segmentation.models import load_model
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Evaluate a DeepLabv3+ checkpoint.")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint file to evaluate")
+    parser.add_argument("--model", help="architecture name, if it cannot be read off the file")
+    parser.add_argument("--output-stride", type=int, choices=(8, 16), help="default: the one training recorded, else 16")
+    parser.add_argument("--out", help="folder for per_class_iou.csv and pred_*.png (default: next to the checkpoint)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the Shapes data")
+    parser.add_argument("settings", nargs="*", metavar="data.KEY=VALUE|eval.KEY=VALUE",
+                        help="data and evaluation settings, e.g. data.name=voc12 eval.mode=sliding")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        unknown = [s for s in args.settings if not s.startswith(("data.", "eval."))]
+        if unknown:
+            raise ConfigError(f"unknown setting(s) {unknown}; only data.KEY=VALUE and eval.KEY=VALUE are accepted")
+        data_cfg = load_config(DataConfig, overrides=[s.removeprefix("data.") for s in args.settings if s.startswith("data.")])
+        eval_cfg = load_config(EvalConfig, overrides=[s.removeprefix("eval.") for s in args.settings if s.startswith("eval.")])
+        splits = build_datasets(data_cfg, seed=args.seed)
+        device = select_device(args.device)
+        model = load_model(args.checkpoint, name=args.model, num_classes=splits.num_classes,
+                           output_stride=args.output_stride).to(device)
+    except (ConfigError, DataError, CheckpointError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / f"test_{data_cfg.name}"
+    metrics = run_evaluation(model, splits, device, out, eval_cfg, workers=data_cfg.workers)
+    print("SUMMARY " + json.dumps({"checkpoint": args.checkpoint, "data": data_cfg.name, **metrics,
+                                   "out": str(out)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

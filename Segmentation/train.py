@@ -1,0 +1,166 @@
+"""Train a DeepLabv3+ in one of three modes: ``base``, ``afan`` (SE + SD feature PGD) or
+``advprop`` (pixel PGD with auxiliary BN), iteration by iteration with the poly schedule.
+
+    python -m Segmentation.train --config Segmentation/configs/voc12_resnet50_afan.yaml
+    python -m Segmentation.train --config Segmentation/configs/shapes_afan.yaml iterations=100
+    python -m Segmentation.train --resume out=runs/shapes_seg_afan
+
+Every ``log_every`` iterations the mean losses, training pixel accuracy, learning rate,
+perturbation sizes and seconds per iteration go to ``metrics.csv`` (and ``curves.png``);
+``last.pth`` (full state, what ``--resume`` continues from) is written every
+``checkpoint_every`` iterations and at the end. With ``eval_every``, the model is also scored
+on the validation set during training and the best one (mIoU) kept as ``best.pth``. At the
+end the final model is evaluated (mIoU, pixel accuracy, ``per_class_iou.csv``, colourised
+predictions) and one line ``SUMMARY {json}`` is printed (also ``summary.json``).
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import afan
+from afan.checkpoint import load_checkpoint, save_checkpoint
+from afan.cli import train_main
+from afan.rundir import RunDir, perturbation_sizes, progress, restore_training_state, training_state, write_summary
+from afan.runtime import seed_everything, select_device
+from afan.sampler import ResumableSampler
+from Segmentation.config import OptimConfig, TrainConfig
+from Segmentation.data import build_datasets, make_loader
+from Segmentation.evaluation import run_evaluation
+from Segmentation.models import checkpoint_payload, create_model
+from Segmentation.models.loading import load_backbone_weights
+from Segmentation.steps import IGNORE_INDEX, advprop_step, afan_step, base_step
+
+TRACE_SIZE = 65  # side of the example image that traces which BatchNorms A-FAN's feature reaches
+
+
+def lr_factor(iteration: int, iterations: int, cfg: OptimConfig) -> float:
+    """The poly schedule ``(1 - iteration / iterations) ** power``."""
+    return (1 - iteration / iterations) ** cfg.power
+
+
+def build_model(cfg: TrainConfig, num_classes: int, device) -> torch.nn.Module:
+    model = create_model(cfg.model.name, num_classes, output_stride=cfg.model.output_stride)
+    if cfg.model.backbone_weights:
+        load_backbone_weights(model, cfg.model.backbone_weights)
+    if cfg.mode == "afan" and cfg.afan.aux_bn:
+        # The decoder also reads the low-level feature: trace which BatchNorms the perturbed
+        # feature really reaches instead of taking every layer registered after it.
+        afan.convert_aux_bn(model, after=model.split_module(cfg.afan.se_layer),
+                            example_input=torch.rand(2, 3, TRACE_SIZE, TRACE_SIZE))
+    elif cfg.mode == "advprop":
+        afan.convert_aux_bn(model)
+    return model.to(device)
+
+
+def make_optimizer(model, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """SGD or AdamW; the backbone's parameter group learns at ``backbone_lr_factor`` times the rate."""
+    backbone = [p for p in model.backbone.parameters() if p.requires_grad]
+    rest = [p for name, p in model.named_parameters() if p.requires_grad and not name.startswith("backbone.")]
+    groups = [{"params": backbone, "lr": cfg.lr * cfg.backbone_lr_factor}, {"params": rest, "lr": cfg.lr}]
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def training_step(model, images, masks, cfg: TrainConfig):
+    if cfg.mode == "afan":
+        return afan_step(model, images, masks, cfg.afan)
+    if cfg.mode == "advprop":
+        return advprop_step(model, images, masks, cfg.advprop)
+    return base_step(model, images, masks)
+
+
+def _pixel_accuracy(logits, masks) -> float:
+    valid = masks != IGNORE_INDEX
+    return ((logits.argmax(1) == masks) & valid).sum().item() / max(valid.sum().item(), 1)
+
+
+def run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
+    seed_everything(cfg.seed, cfg.deterministic)
+    device = select_device(cfg.device)
+    splits = build_datasets(cfg.data, seed=cfg.seed)
+    model = build_model(cfg, splits.num_classes, device)
+    run_dir = RunDir(cfg.out, resume=resume, overwrite=overwrite)
+    optimizer = make_optimizer(model, cfg.optim)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg.iterations, cfg.optim))
+
+    start, best = 0, -1.0
+    if resume:
+        state = load_checkpoint(run_dir.last_checkpoint)
+        restore_training_state(state, model, optimizer, scheduler)
+        start, best = state["iteration"], state["best_miou"]
+        run_dir.metrics.truncate_after("iteration", start)
+        print(f"resuming {run_dir.path} at iteration {start}", flush=True)
+    run_dir.save_config(cfg)
+
+    # The sampler continues the same endless shuffle after a resume.
+    sampler = ResumableSampler(len(splits.train), cfg.seed, start=start * cfg.batch_size)
+    loader = make_loader(splits.train, cfg.batch_size, train=True, workers=cfg.data.workers,
+                         seed=cfg.seed, sampler=sampler, drop_last=True)
+    quiet_eval = type(cfg.eval)(**{**vars(cfg.eval), "save_images": 0})
+    model.train()
+    window: dict[str, float] = {}
+    count, tic = 0, time.perf_counter()
+    batches = iter(loader)
+    for iteration in progress(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc=cfg.mode):
+        images, masks = next(batches)
+        images, masks = images.to(device), masks.to(device)
+        result = training_step(model, images, masks, cfg)
+        if not torch.isfinite(result.loss):
+            terms = ", ".join(f"{k} {v.item():.4g}" for k, v in result.losses.items())
+            raise FloatingPointError(f"non-finite loss at iteration {iteration} ({terms}); "
+                                     f"the last good state is {run_dir.last_checkpoint}; lower optim.lr")
+        optimizer.zero_grad(set_to_none=True)
+        result.loss.backward()
+        optimizer.step()
+        scheduler.step()
+        values = {"loss": result.loss.item(), **{k: v.item() for k, v in result.losses.items()},
+                  "train_pixel_acc": _pixel_accuracy(result.logits.detach(), masks),
+                  **perturbation_sizes("se" if cfg.mode == "afan" else "pixel", result.perturbation),
+                  **perturbation_sizes("sd", result.sd_perturbation)}
+        for k, v in values.items():
+            window[k] = window.get(k, 0.0) + v
+        count += 1
+        done = iteration + 1
+        scores = {}
+        if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.iterations):
+            scores = run_evaluation(model, splits, device, run_dir.path, quiet_eval, workers=cfg.data.workers)
+            if scores["miou"] > best:
+                best = scores["miou"]
+                save_checkpoint({**checkpoint_payload(afan.strip_aux_bn(model)), "iteration": done, **scores},
+                                run_dir.best_checkpoint)
+        if done % cfg.log_every == 0 or done == cfg.iterations or scores:
+            run_dir.metrics.log(iteration=done, lr=optimizer.param_groups[-1]["lr"],
+                                **{k: v / count for k, v in window.items()},
+                                sec_per_iter=(time.perf_counter() - tic) / count,
+                                **{f"val_{k}": v for k, v in scores.items()})
+            window, count, tic = {}, 0, time.perf_counter()
+        if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
+            save_checkpoint(training_state(checkpoint_payload(model), optimizer, scheduler, cfg,
+                                           iteration=done, best_miou=best), run_dir.last_checkpoint)
+    if run_dir.metrics.rows():
+        run_dir.metrics.plot(run_dir.file("curves.png"), x="iteration")
+
+    final = afan.strip_aux_bn(model)
+    save_checkpoint(checkpoint_payload(final), run_dir.file("final.pth"))
+    metrics = run_evaluation(final, splits, device, run_dir.path, cfg.eval, workers=cfg.data.workers)
+    rows = run_dir.metrics.rows()
+    times = [r["sec_per_iter"] for r in rows if r.get("sec_per_iter") is not None]
+    summary = {"mode": cfg.mode, "model": cfg.model.name, "data": cfg.data.name, "iterations": cfg.iterations,
+               **metrics, "best_miou": max(best, metrics["miou"]),
+               "sec_per_iter": sum(times) / max(len(times), 1), "out": str(run_dir.path)}
+    write_summary(run_dir, summary)
+    return summary
+
+
+def main(argv=None) -> int:
+    return train_main(argv, config_cls=TrainConfig, run=run, description="Train a DeepLabv3+ (base, A-FAN or AdvProp).",
+                      module="Segmentation.train", configs=Path(__file__).resolve().parent / "configs")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

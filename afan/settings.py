@@ -1,0 +1,39 @@
+"""Checks and sections that the configs of every task share: the A-FAN settings' ranges and
+the AdvProp (pixel PGD) section."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from afan.norm import check_mask
+
+
+def check_nonnegative(section, prefix: str, names) -> None:
+    """Every named setting of ``section`` is >= 0 (``prefix`` names the section in the error)."""
+    for name in names:
+        value = getattr(section, name)
+        if value < 0:
+            raise ValueError(f"{prefix}.{name} must be >= 0, got {value}")
+
+
+def check_strengths(section, prefix: str = "afan") -> None:
+    """``n >= 1`` strengths, a mixing ``mask`` of ``n`` characters and, where the section has
+    one, an adversarial loss weight ``w`` in [0, 1]."""
+    if section.n < 1:
+        raise ValueError(f"{prefix}.n must be >= 1, got {section.n}")
+    check_mask(section.mask, section.n, f"{prefix}.mask")
+    w = getattr(section, "w", None)
+    if w is not None and not 0 <= w <= 1:
+        raise ValueError(f"{prefix}.w must be in [0, 1], got {w}")
+
+
+@dataclass
+class AdvPropConfig:
+    """Pixel-level PGD with auxiliary BN everywhere (DESIGN.md item 7); units of 1/255."""
+
+    steps: int = 1
+    step_size: float = 1.0
+    eps: float = 4.0
+    random_start: bool = True
+
+    def __post_init__(self):
+        check_nonnegative(self, "advprop", ("steps", "step_size", "eps"))
