@@ -59,6 +59,14 @@ def build_model(cfg: TrainConfig, num_classes: int, device) -> torch.nn.Module:
     return model.to(device, memory_format=memory_format(cfg))
 
 
+def training_step(model, x, y, cfg: TrainConfig):
+    if cfg.mode == "afan":
+        return afan_step(model, x, y, cfg.afan)
+    if cfg.mode == "advprop":
+        return advprop_step(model, x, y, cfg.advprop)
+    return base_step(model, x, y)
+
+
 def train_one_epoch(model, loader, optimizer, scheduler, cfg: TrainConfig, device, epoch: int) -> dict:
     model.train()
     seen = correct = 0
@@ -66,12 +74,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, cfg: TrainConfig, devic
     for x, y in progress(loader, desc=f"{cfg.mode} epoch {epoch}", leave=False):
         x = x.to(device, memory_format=memory_format(cfg), non_blocking=True)
         y = y.to(device, non_blocking=True)
-        if cfg.mode == "afan":
-            result = afan_step(model, x, y, cfg.afan)
-        elif cfg.mode == "advprop":
-            result = advprop_step(model, x, y, cfg.advprop)
-        else:
-            result = base_step(model, x, y)
+        result = training_step(model, x, y, cfg)
         if not torch.isfinite(result.loss):
             raise FloatingPointError(f"non-finite loss {result.loss.item()} at epoch {epoch}, "
                                      f"iteration {scheduler.last_epoch}; lower optim.lr")

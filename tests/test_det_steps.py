@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import afan
-from Detection.config import AdvPropConfig, AfanConfig
+from afan.settings import AdvPropConfig
+from Detection.config import AfanConfig
 from Detection.models import box_losses, create_model, head, prepare, tail
 from Detection.steps import advprop_step, afan_step, base_step, pixel_pgd, sd_attack, se_attack
 

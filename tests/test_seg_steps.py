@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import afan
-from Segmentation.config import AdvPropConfig, AfanConfig
+from afan.settings import AdvPropConfig
+from Segmentation.config import AfanConfig
 from Segmentation.models import create_model
 from Segmentation.steps import advprop_step, afan_step, base_step
 
