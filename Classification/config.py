@@ -72,6 +72,7 @@ class TrainConfig:
     device: str = "auto"
     # NHWC tensors: several times faster for these convolutions on CPU (oneDNN) and on GPU.
     channels_last: bool = True
+    sync_bn: bool = False  # under torchrun on CUDA: BatchNorm statistics over the whole batch
     out: str = "runs/classification"
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

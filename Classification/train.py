@@ -19,13 +19,15 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.data import DistributedSampler
 
 import afan
+from afan import distributed
 from afan.checkpoint import load_checkpoint, save_checkpoint
 from afan.cli import train_main
 from afan.config import ConfigError
 from afan.rundir import RunDir, progress, restore_training_state, training_state, write_summary
-from afan.runtime import seed_everything, select_device
+from afan.runtime import seed_everything
 from Classification.config import OptimConfig, TrainConfig
 from Classification.data import build_datasets, make_loader
 from Classification.evaluation import evaluate
@@ -59,6 +61,15 @@ def build_model(cfg: TrainConfig, num_classes: int, device) -> torch.nn.Module:
     return model.to(device, memory_format=memory_format(cfg))
 
 
+def make_optimizer(model, cfg: TrainConfig, iters_per_epoch: int):
+    """SGD and its per-iteration schedule (warm-up, then step or cosine decay)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: lr_factor(it, iters_per_epoch, cfg.epochs, cfg.optim))
+    return optimizer, scheduler
+
+
 def training_step(model, x, y, cfg: TrainConfig):
     if cfg.mode == "afan":
         return afan_step(model, x, y, cfg.afan)
@@ -67,14 +78,15 @@ def training_step(model, x, y, cfg: TrainConfig):
     return base_step(model, x, y)
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, cfg: TrainConfig, device, epoch: int) -> dict:
+def train_one_epoch(model, run_step, loader, optimizer, scheduler, cfg: TrainConfig, device, epoch: int) -> dict:
+    """One epoch of ``run_step(x, y)`` steps; the logged sums are taken over all processes."""
     model.train()
     seen = correct = 0
     loss_sum = l2_sum = linf_sum = 0.0
     for x, y in progress(loader, desc=f"{cfg.mode} epoch {epoch}", leave=False):
         x = x.to(device, memory_format=memory_format(cfg), non_blocking=True)
         y = y.to(device, non_blocking=True)
-        result = training_step(model, x, y, cfg)
+        result = run_step(x, y)
         if not torch.isfinite(result.loss):
             raise FloatingPointError(f"non-finite loss {result.loss.item()} at epoch {epoch}, "
                                      f"iteration {scheduler.last_epoch}; lower optim.lr")
@@ -90,6 +102,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, cfg: TrainConfig, devic
             delta = result.perturbation.flatten(1)
             l2_sum += delta.norm(dim=1).sum().item()
             linf_sum += delta.abs().amax(dim=1).sum().item()
+    seen, loss_sum, correct, l2_sum, linf_sum = distributed.sum_over_processes(
+        [seen, loss_sum, correct, l2_sum, linf_sum], device)
     row = {"train_loss": loss_sum / seen, "train_acc": correct / seen}
     if cfg.mode != "base":
         row.update(pert_l2=l2_sum / seen, pert_linf=linf_sum / seen)
@@ -97,40 +111,57 @@ def train_one_epoch(model, loader, optimizer, scheduler, cfg: TrainConfig, devic
 
 
 def run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
-    """Train (or continue) the run described by ``cfg``; returns the summary."""
+    """Train (or continue) the run described by ``cfg``; returns the summary (under torchrun:
+    on process 0; the others return an empty dict)."""
+    process, device = distributed.start(cfg.device)
+    try:
+        return _train(cfg, process, device, resume=resume, overwrite=overwrite)
+    finally:
+        distributed.stop()
+
+
+def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bool, overwrite: bool) -> dict:
     seed_everything(cfg.seed, cfg.deterministic)
-    device = select_device(cfg.device)
     # Data and model are checked before the run folder is made, so a bad setting leaves
     # nothing behind to --overwrite.
     splits = build_datasets(cfg.data, seed=cfg.seed)
     model = build_model(cfg, splits.num_classes, device)
-    run_dir = RunDir(cfg.out, resume=resume, overwrite=overwrite)
+    run_step = distributed.step_runner(model, lambda m, x, y: training_step(m, x, y, cfg), process, device,
+                                       sync_bn=cfg.sync_bn)
+    # Only process 0 writes; the others read the checkpoint they resume from.
+    run_dir = RunDir(cfg.out, resume=resume, overwrite=overwrite) if process.is_main else None
     loader_args = dict(workers=cfg.data.workers, seed=cfg.seed)
-    train_loader = make_loader(splits.train, cfg.batch_size, train=True, **loader_args)
+    sampler = (DistributedSampler(splits.train, process.world_size, process.rank, shuffle=True, seed=cfg.seed,
+                                  drop_last=True) if process.distributed else None)
+    train_loader = make_loader(splits.train, distributed.local_batch_size(cfg.batch_size, process), train=True,
+                               sampler=sampler, drop_last=True if sampler else None, **loader_args)
     val_loader = make_loader(splits.val, cfg.batch_size, train=False, **loader_args)
 
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
-    iters = len(train_loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda it: lr_factor(it, iters, cfg.epochs, cfg.optim))
+    optimizer, scheduler = make_optimizer(model, cfg, len(train_loader))
 
     start_epoch, best_acc = 0, -1.0
     if resume:
-        state = load_checkpoint(run_dir.last_checkpoint)
+        state = load_checkpoint(Path(cfg.out) / RunDir.LAST)
         restore_training_state(state, model, optimizer, scheduler)
         start_epoch, best_acc = state["epoch"] + 1, state["best_val_acc"]
-        run_dir.metrics.truncate_after("epoch", state["epoch"])
-        print(f"resuming {run_dir.path} at epoch {start_epoch}", flush=True)
-    run_dir.save_config(cfg)
+        if run_dir:
+            run_dir.metrics.truncate_after("epoch", state["epoch"])
+            print(f"resuming {run_dir.path} at epoch {start_epoch}", flush=True)
+    if run_dir:
+        run_dir.save_config(cfg)
 
     for epoch in range(start_epoch, cfg.epochs):
         tic = time.perf_counter()
         # The data order of an epoch depends only on (seed, epoch), so a resumed run sees
         # the same batches as an uninterrupted one.
-        train_loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
+        if sampler:
+            sampler.set_epoch(epoch)
+        else:
+            train_loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-        row.update(train_one_epoch(model, train_loader, optimizer, scheduler, cfg, device, epoch))
+        row.update(train_one_epoch(model, run_step, train_loader, optimizer, scheduler, cfg, device, epoch))
+        if not run_dir:
+            continue  # the next step's gradient averaging waits for process 0 to finish below
         row["val_acc"] = evaluate(model, val_loader, device, memory_format(cfg), desc="val")["top1"]
         row["time"] = time.perf_counter() - tic
         run_dir.metrics.log(**row)
@@ -142,6 +173,8 @@ def run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> d
                                        epoch=epoch, best_val_acc=best_acc), run_dir.last_checkpoint)
         print(f"epoch {epoch}: " + " ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"),
               flush=True)
+    if not run_dir:
+        return {}
     run_dir.metrics.plot(run_dir.file("curves.png"), x="epoch")
 
     best_model = load_model(run_dir.best_checkpoint).to(device, memory_format=memory_format(cfg))

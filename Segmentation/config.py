@@ -112,6 +112,7 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     device: str = "auto"
+    sync_bn: bool = False  # under torchrun on CUDA: BatchNorm statistics over the whole batch
     out: str = "runs/segmentation"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -22,10 +22,11 @@ from pathlib import Path
 import torch
 
 import afan
+from afan import distributed
 from afan.checkpoint import load_checkpoint, save_checkpoint
 from afan.cli import train_main
 from afan.rundir import RunDir, perturbation_sizes, progress, restore_training_state, training_state, write_summary
-from afan.runtime import seed_everything, select_device
+from afan.runtime import seed_everything
 from afan.sampler import ResumableSampler
 from Segmentation.config import OptimConfig, TrainConfig
 from Segmentation.data import build_datasets, make_loader
@@ -80,40 +81,58 @@ def _pixel_accuracy(logits, masks) -> float:
 
 
 def run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
+    """Train (or continue) the run described by ``cfg``; returns the summary (under torchrun:
+    on process 0; the others return an empty dict)."""
+    process, device = distributed.start(cfg.device)
+    try:
+        return _train(cfg, process, device, resume=resume, overwrite=overwrite)
+    finally:
+        distributed.stop()
+
+
+def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bool, overwrite: bool) -> dict:
     seed_everything(cfg.seed, cfg.deterministic)
-    device = select_device(cfg.device)
     splits = build_datasets(cfg.data, seed=cfg.seed)
     model = build_model(cfg, splits.num_classes, device)
-    run_dir = RunDir(cfg.out, resume=resume, overwrite=overwrite)
+    run_step = distributed.step_runner(model, lambda m, images, masks: training_step(m, images, masks, cfg),
+                                       process, device, sync_bn=cfg.sync_bn)
+    # Only process 0 writes; the others read the checkpoint they resume from.
+    run_dir = RunDir(cfg.out, resume=resume, overwrite=overwrite) if process.is_main else None
     optimizer = make_optimizer(model, cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg.iterations, cfg.optim))
 
     start, best = 0, -1.0
     if resume:
-        state = load_checkpoint(run_dir.last_checkpoint)
+        state = load_checkpoint(Path(cfg.out) / RunDir.LAST)
         restore_training_state(state, model, optimizer, scheduler)
         start, best = state["iteration"], state["best_miou"]
-        run_dir.metrics.truncate_after("iteration", start)
-        print(f"resuming {run_dir.path} at iteration {start}", flush=True)
-    run_dir.save_config(cfg)
+        if run_dir:
+            run_dir.metrics.truncate_after("iteration", start)
+            print(f"resuming {run_dir.path} at iteration {start}", flush=True)
+    if run_dir:
+        run_dir.save_config(cfg)
 
-    # The sampler continues the same endless shuffle after a resume.
-    sampler = ResumableSampler(len(splits.train), cfg.seed, start=start * cfg.batch_size)
-    loader = make_loader(splits.train, cfg.batch_size, train=True, workers=cfg.data.workers,
+    # The sampler continues the same endless shuffle after a resume; each process takes its
+    # part of every global batch.
+    local_batch = distributed.local_batch_size(cfg.batch_size, process)
+    sampler = ResumableSampler(len(splits.train), cfg.seed, start=start * cfg.batch_size, rank=process.rank,
+                               world_size=process.world_size, local_batch=local_batch)
+    loader = make_loader(splits.train, local_batch, train=True, workers=cfg.data.workers,
                          seed=cfg.seed, sampler=sampler, drop_last=True)
     quiet_eval = type(cfg.eval)(**{**vars(cfg.eval), "save_images": 0})
     model.train()
     window: dict[str, float] = {}
     count, tic = 0, time.perf_counter()
     batches = iter(loader)
-    for iteration in progress(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc=cfg.mode):
+    for iteration in progress(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc=cfg.mode,
+                              disable=None if process.is_main else True):
         images, masks = next(batches)
         images, masks = images.to(device), masks.to(device)
-        result = training_step(model, images, masks, cfg)
+        result = run_step(images, masks)
         if not torch.isfinite(result.loss):
             terms = ", ".join(f"{k} {v.item():.4g}" for k, v in result.losses.items())
             raise FloatingPointError(f"non-finite loss at iteration {iteration} ({terms}); "
-                                     f"the last good state is {run_dir.last_checkpoint}; lower optim.lr")
+                                     f"the last good state is {Path(cfg.out) / RunDir.LAST}; lower optim.lr")
         optimizer.zero_grad(set_to_none=True)
         result.loss.backward()
         optimizer.step()
@@ -126,22 +145,31 @@ def run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> d
             window[k] = window.get(k, 0.0) + v
         count += 1
         done = iteration + 1
+        log_now = done % cfg.log_every == 0 or done == cfg.iterations
+        eval_now = bool(cfg.eval_every) and (done % cfg.eval_every == 0 or done == cfg.iterations)
+        if log_now or eval_now:
+            # Every process comes here at the same iterations: the means are over all of them.
+            sums = distributed.sum_over_processes(list(window.values()), device)
+            means = {k: v / (count * process.world_size) for k, v in zip(window, sums)}
+            seconds = (time.perf_counter() - tic) / count
+            window, count, tic = {}, 0, time.perf_counter()
+        if not run_dir:
+            continue  # the next step's gradient averaging waits for process 0
         scores = {}
-        if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.iterations):
+        if eval_now:
             scores = run_evaluation(model, splits, device, run_dir.path, quiet_eval, workers=cfg.data.workers)
             if scores["miou"] > best:
                 best = scores["miou"]
                 save_checkpoint({**checkpoint_payload(afan.strip_aux_bn(model)), "iteration": done, **scores},
                                 run_dir.best_checkpoint)
-        if done % cfg.log_every == 0 or done == cfg.iterations or scores:
-            run_dir.metrics.log(iteration=done, lr=optimizer.param_groups[-1]["lr"],
-                                **{k: v / count for k, v in window.items()},
-                                sec_per_iter=(time.perf_counter() - tic) / count,
+        if log_now or eval_now:
+            run_dir.metrics.log(iteration=done, lr=optimizer.param_groups[-1]["lr"], **means, sec_per_iter=seconds,
                                 **{f"val_{k}": v for k, v in scores.items()})
-            window, count, tic = {}, 0, time.perf_counter()
         if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
             save_checkpoint(training_state(checkpoint_payload(model), optimizer, scheduler, cfg,
                                            iteration=done, best_miou=best), run_dir.last_checkpoint)
+    if not run_dir:
+        return {}
     if run_dir.metrics.rows():
         run_dir.metrics.plot(run_dir.file("curves.png"), x="iteration")
 

@@ -26,6 +26,8 @@ CONFIG_NAME = "config.yaml"
 class RunDir:
     """The folder of one run; create it on the main process only."""
 
+    LAST = "last.pth"  # the full training state, in every run folder
+
     def __init__(self, path, *, resume: bool = False, overwrite: bool = False):
         if resume and overwrite:
             raise ValueError("--resume and --overwrite contradict each other; pass only one")
@@ -62,7 +64,7 @@ class RunDir:
     @property
     def last_checkpoint(self) -> Path:
         """Written every epoch; what --resume continues from."""
-        return self.path / "last.pth"
+        return self.path / self.LAST
 
     @property
     def best_checkpoint(self) -> Path:

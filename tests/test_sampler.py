@@ -31,3 +31,12 @@ def test_no_shuffle_and_bad_arguments():
         ResumableSampler(0, seed=0)
     with pytest.raises(ValueError, match="start must be >= 0"):
         ResumableSampler(3, seed=0, start=-1)
+
+
+def test_processes_share_every_global_batch():
+    whole = _take(ResumableSampler(10, seed=2, start=4), 24)
+    parts = [_take(ResumableSampler(10, seed=2, start=4, rank=r, world_size=3, local_batch=2), 8) for r in range(3)]
+    for g in range(4):  # global batches of 6: process r holds samples 2r, 2r + 1 of each
+        assert sum((p[2 * g:2 * g + 2] for p in parts), []) == whole[6 * g:6 * g + 6]
+    with pytest.raises(ValueError, match="rank=2, world_size=2"):
+        ResumableSampler(10, seed=0, rank=2, world_size=2)

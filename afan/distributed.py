@@ -1,0 +1,119 @@
+"""Training on several processes with PyTorch's DistributedDataParallel, as ``torchrun`` starts them.
+
+    torchrun --nproc_per_node 4 -m Classification.train --config ...          # one machine
+    torchrun --nnodes 2 --node_rank 0 --master_addr HOST --master_port 29500 \\
+             --nproc_per_node 8 -m Classification.train --config ...          # two machines
+
+``torchrun`` sets ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``; without them a run is one plain
+process. The backend is NCCL on CUDA (one GPU per process, ``cuda:LOCAL_RANK``) and gloo on
+the CPU. ``batch_size`` stays the global batch: each process takes ``batch_size / world_size``
+of it.
+
+A-FAN's step calls the model's parts (head, tail, attacks) rather than its ``forward``, which is
+where DDP prepares gradient averaging, so the whole training step is wrapped as the forward of
+one module (:class:`StepModule`): DDP then averages the gradients of the step's loss. The
+attacks take gradients only towards features (``torch.autograd.grad``), which DDP does not see.
+Without SyncBatchNorm each process normalises its own part of the batch, and BatchNorm running
+statistics follow process 0 (DDP broadcasts them at every step).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from afan.norm import AuxBatchNorm2d
+from afan.runtime import select_device
+
+
+@dataclass(frozen=True)
+class Process:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Logging, checkpoints and evaluation happen here only."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def start(device_name: str) -> tuple[Process, torch.device]:
+    """This process's place in the run and its device; joins the process group under torchrun."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = select_device(device_name)
+    if world_size == 1:
+        return Process(), device
+    process = Process(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        device = torch.device("cuda", process.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return process, device
+
+
+def stop() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def local_batch_size(batch_size: int, process: Process) -> int:
+    if batch_size % process.world_size:
+        raise ValueError(f"batch_size={batch_size} does not split over {process.world_size} processes; "
+                         f"use a multiple of {process.world_size}")
+    return batch_size // process.world_size
+
+
+class StepModule(nn.Module):
+    """A training step as a module: ``forward(*batch)`` runs ``step(model, *batch)`` and returns
+    its result's fields as a tuple (DDP looks for tensors in plain containers)."""
+
+    def __init__(self, model: nn.Module, step: Callable):
+        super().__init__()
+        self.model = model
+        self.step = step
+
+    def forward(self, *batch):
+        result = self.step(self.model, *batch)
+        return type(result), tuple(getattr(result, f.name) for f in dataclasses.fields(result))
+
+
+def step_runner(model: nn.Module, step: Callable, process: Process, device: torch.device,
+                sync_bn: bool = False) -> Callable:
+    """``run(*batch) -> step result`` whose loss, back-propagated, gives gradients averaged over
+    the processes (plain ``step(model, *batch)`` in a single process). ``sync_bn`` turns every
+    BatchNorm into SyncBatchNorm (CUDA only; not with auxiliary BN)."""
+    if not process.distributed:
+        return lambda *batch: step(model, *batch)
+    if sync_bn:
+        if device.type != "cuda":
+            raise ValueError("sync_bn needs CUDA: PyTorch's SyncBatchNorm does not run on the CPU; set sync_bn=false")
+        if any(isinstance(m, AuxBatchNorm2d) for m in model.modules()):
+            raise ValueError("sync_bn does not combine with auxiliary BN (advprop, afan.aux_bn); set sync_bn=false")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    wrapped = DistributedDataParallel(StepModule(model, step), device_ids=[device.index] if device.type == "cuda" else None)
+
+    def run(*batch):
+        result_type, values = wrapped(*batch)
+        return result_type(*values)
+    return run
+
+
+def sum_over_processes(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sums over all processes (the values themselves in a single process)."""
+    if not dist.is_initialized():
+        return list(values)
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.tolist()
