@@ -24,10 +24,11 @@ from typing import Literal
 import torch
 
 import afan
+from afan import distributed
 from afan.checkpoint import load_checkpoint, save_checkpoint
 from afan.cli import train_main
 from afan.rundir import RunDir, perturbation_sizes, progress, restore_training_state, training_state, write_summary
-from afan.runtime import seed_everything, select_device
+from afan.runtime import seed_everything
 from afan.sampler import ResumableSampler
 from afan.settings import AdvPropConfig
 from Detection.config import AfanConfig, ModelConfig
@@ -67,6 +68,7 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     device: str = "auto"
+    sync_bn: bool = False  # under torchrun on CUDA: BatchNorm statistics over the whole batch
     out: str = "runs/detection"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -112,11 +114,24 @@ def training_step(model, images, targets, cfg: TrainConfig):
 
 
 def run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
+    """Train (or continue) the run described by ``cfg``; returns the summary (under torchrun:
+    on process 0; the others return an empty dict)."""
+    process, device = distributed.start(cfg.device)
+    try:
+        return _train(cfg, process, device, resume=resume, overwrite=overwrite)
+    finally:
+        distributed.stop()
+
+
+def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bool, overwrite: bool) -> dict:
     seed_everything(cfg.seed, cfg.deterministic)
-    device = select_device(cfg.device)
-    splits = build_datasets(cfg.data, seed=cfg.seed)
+    with distributed.main_first(process):  # Shapes data is written to disk once
+        splits = build_datasets(cfg.data, seed=cfg.seed)
     model = build_model(cfg, splits.num_classes, device)
-    run_dir = RunDir(cfg.out, resume=resume, overwrite=overwrite)
+    run_step = distributed.step_runner(model, lambda m, images, targets: training_step(m, images, targets, cfg),
+                                       process, device, sync_bn=cfg.sync_bn)
+    # Only process 0 writes; the others read the checkpoint they resume from.
+    run_dir = RunDir(cfg.out, resume=resume, overwrite=overwrite) if process.is_main else None
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay)
@@ -124,31 +139,36 @@ def run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> d
 
     start = 0
     if resume:
-        state = load_checkpoint(run_dir.last_checkpoint)
+        state = load_checkpoint(Path(cfg.out) / RunDir.LAST)
         restore_training_state(state, model, optimizer, scheduler)
         start = state["iteration"]
-        run_dir.metrics.truncate_after("iteration", start)
-        print(f"resuming {run_dir.path} at iteration {start}", flush=True)
-    run_dir.save_config(cfg)
+        if run_dir:
+            run_dir.metrics.truncate_after("iteration", start)
+            print(f"resuming {run_dir.path} at iteration {start}", flush=True)
+    if run_dir:
+        run_dir.save_config(cfg)
 
-    # The sampler continues the same endless shuffle after a resume.
-    sampler = ResumableSampler(len(splits.train), cfg.seed, start=start * cfg.batch_size)
-    loader = make_loader(splits.train, cfg.batch_size, train=True, workers=cfg.data.workers,
+    # The sampler continues the same endless shuffle after a resume; each process takes its
+    # part of every global batch.
+    local_batch = distributed.local_batch_size(cfg.batch_size, process)
+    sampler = ResumableSampler(len(splits.train), cfg.seed, start=start * cfg.batch_size, rank=process.rank,
+                               world_size=process.world_size, local_batch=local_batch)
+    loader = make_loader(splits.train, local_batch, train=True, workers=cfg.data.workers,
                          seed=cfg.seed, sampler=sampler, drop_last=True)
     model.train()
     window: dict[str, float] = {}
     count, tic = 0, time.perf_counter()
     batches = iter(loader)
     for iteration in progress(range(start, cfg.iterations), initial=start, total=cfg.iterations,
-                              desc=f"{cfg.mode}"):
+                              desc=f"{cfg.mode}", disable=None if process.is_main else True):
         images, targets = next(batches)
         images = [image.to(device) for image in images]
         targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-        result = training_step(model, images, targets, cfg)
+        result = run_step(images, targets)
         if not torch.isfinite(result.loss):
             terms = ", ".join(f"{k} {v.item():.4g}" for k, v in result.losses.items())
             raise FloatingPointError(f"non-finite loss at iteration {iteration} ({terms}); "
-                                     f"the last good state is {run_dir.last_checkpoint}; lower optim.lr")
+                                     f"the last good state is {Path(cfg.out) / RunDir.LAST}; lower optim.lr")
         optimizer.zero_grad(set_to_none=True)
         result.loss.backward()
         optimizer.step()
@@ -160,13 +180,18 @@ def run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> d
         count += 1
         done = iteration + 1
         if done % cfg.log_every == 0 or done == cfg.iterations:
-            run_dir.metrics.log(iteration=done, lr=optimizer.param_groups[0]["lr"],
-                                **{k: v / count for k, v in window.items()},
-                                sec_per_iter=(time.perf_counter() - tic) / count)
+            # Every process comes here at the same iterations: the means are over all of them.
+            sums = distributed.sum_over_processes(list(window.values()), device)
+            means = {k: v / (count * process.world_size) for k, v in zip(window, sums)}
+            if run_dir:
+                run_dir.metrics.log(iteration=done, lr=optimizer.param_groups[0]["lr"], **means,
+                                    sec_per_iter=(time.perf_counter() - tic) / count)
             window, count, tic = {}, 0, time.perf_counter()
-        if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
+        if run_dir and (done % cfg.checkpoint_every == 0 or done == cfg.iterations):
             save_checkpoint(training_state(checkpoint_payload(model), optimizer, scheduler, cfg, iteration=done),
                             run_dir.last_checkpoint)
+    if not run_dir:
+        return {}
     if run_dir.metrics.rows():
         run_dir.metrics.plot(run_dir.file("curves.png"), x="iteration")
 

@@ -18,6 +18,7 @@ statistics follow process 0 (DDP broadcasts them at every step).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -66,6 +67,16 @@ def start(device_name: str) -> tuple[Process, torch.device]:
 def stop() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def main_first(process: Process):
+    """Process 0 runs the block first (e.g. writing a data set to disk), the others after it."""
+    if process.distributed and not process.is_main:
+        dist.barrier()
+    yield
+    if process.distributed and process.is_main:
+        dist.barrier()
 
 
 def local_batch_size(batch_size: int, process: Process) -> int:

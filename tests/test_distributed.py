@@ -22,6 +22,9 @@ from afan.sampler import ResumableSampler
 from Classification import train as cls_train
 from Classification.config import TrainConfig
 from Classification.data import build_datasets
+from Detection import train as det_train
+from Detection.data import build_datasets as det_datasets
+from Detection.data import collate as det_collate
 from Segmentation import train as seg_train
 from Segmentation.config import TrainConfig as SegConfig
 from Segmentation.data import build_datasets as seg_datasets
@@ -42,7 +45,8 @@ def _worker(rank: int, world_size: int, port: int, task: str, overrides: list[st
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
-    module, config = {"classification": (cls_train, TrainConfig), "segmentation": (seg_train, SegConfig)}[task]
+    module, config = {"classification": (cls_train, TrainConfig), "segmentation": (seg_train, SegConfig),
+                      "detection": (det_train, det_train.TrainConfig)}[task]
     module.run(load_config(config, overrides=overrides))
 
 
@@ -161,6 +165,46 @@ def test_segmentation_two_processes_match_one_process(tmp_path, mode):
         torch.testing.assert_close(trained[key], value, rtol=1e-4, atol=atol, msg=key)
     rows = (tmp_path / "ddp" / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3"]  # logged once, by process 0
+
+
+def _det_settings(tmp_path) -> list[str]:
+    return ["model.name=fasterrcnn_resnet18_fpn", "model.min_size=64", "model.max_size=64", "model.roi_batch_size=16",
+            "data.name=shapes", "data.image_size=64", "data.train_size=8", "data.val_size=2", "data.flip=false",
+            f"data.root={tmp_path / 'data'}", "data.workers=0", "batch_size=4", "iterations=3", "log_every=1",
+            "draw_images=0", "device=cpu", "deterministic=true", "afan.n=2", "afan.mask=01", "optim.warmup_iters=1",
+            "optim.lr=0.005"]
+
+
+def _det_reference(cfg) -> dict:
+    seed_everything(cfg.seed, cfg.deterministic)
+    splits = det_datasets(cfg.data, seed=cfg.seed)
+    model = det_train.build_model(cfg, splits.num_classes, torch.device("cpu")).train()
+    rng_states = [torch.get_rng_state()] * 2  # the processes start from the same seed
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
+                                momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: det_train.lr_factor(it, cfg.optim))
+    stream = iter(ResumableSampler(len(splits.train), cfg.seed))
+    step = _Step(model, lambda m, images, targets: det_train.training_step(m, images, targets, cfg))
+    half = cfg.batch_size // 2
+    for _ in range(cfg.iterations):
+        batch = [splits.train[next(stream)] for _ in range(cfg.batch_size)]
+        halves = [det_collate(batch[:half]), det_collate(batch[half:])]
+        optimizer.zero_grad(set_to_none=True)
+        _mean_of_halves(step, halves, rng_states).backward()
+        optimizer.step()
+        scheduler.step()
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("mode", ["base", "afan"])
+def test_detection_two_processes_match_one_process(tmp_path, mode):
+    overrides = [*_det_settings(tmp_path), f"mode={mode}", f"out={tmp_path / 'ddp'}"]
+    mp.spawn(_worker, args=(2, _free_port(), "detection", overrides), nprocs=2, join=True)
+    trained = load_checkpoint(tmp_path / "ddp" / "last.pth")["model"]
+    expected = _one_thread(_det_reference, load_config(det_train.TrainConfig, overrides=overrides))
+    atol = 1e-4 if mode == "afan" else 1e-5  # see the classification test
+    for key, value in expected.items():
+        torch.testing.assert_close(trained[key], value, rtol=1e-4, atol=atol, msg=key)
 
 
 def test_batch_must_split_over_the_processes():
