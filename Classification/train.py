@@ -23,10 +23,10 @@ from torch.utils.data import DistributedSampler
 
 import afan
 from afan import distributed
-from afan.checkpoint import load_checkpoint, save_checkpoint
+from afan.checkpoint import save_checkpoint
 from afan.cli import train_main
 from afan.config import ConfigError
-from afan.rundir import RunDir, progress, restore_training_state, training_state, write_summary
+from afan.rundir import RunDir, continue_run, progress, training_state, write_summary
 from afan.runtime import seed_everything
 from Classification.config import OptimConfig, TrainConfig
 from Classification.data import build_datasets, make_loader
@@ -113,11 +113,7 @@ def train_one_epoch(model, run_step, loader, optimizer, scheduler, cfg: TrainCon
 def run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
     """Train (or continue) the run described by ``cfg``; returns the summary (under torchrun:
     on process 0; the others return an empty dict)."""
-    process, device = distributed.start(cfg.device)
-    try:
-        return _train(cfg, process, device, resume=resume, overwrite=overwrite)
-    finally:
-        distributed.stop()
+    return distributed.launch(_train, cfg, resume=resume, overwrite=overwrite)
 
 
 def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bool, overwrite: bool) -> dict:
@@ -141,12 +137,8 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
 
     start_epoch, best_acc = 0, -1.0
     if resume:
-        state = load_checkpoint(Path(cfg.out) / RunDir.LAST)
-        restore_training_state(state, model, optimizer, scheduler)
+        state = continue_run(cfg.out, run_dir, model, optimizer, scheduler, position="epoch")
         start_epoch, best_acc = state["epoch"] + 1, state["best_val_acc"]
-        if run_dir:
-            run_dir.metrics.truncate_after("epoch", state["epoch"])
-            print(f"resuming {run_dir.path} at epoch {start_epoch}", flush=True)
     if run_dir:
         run_dir.save_config(cfg)
 

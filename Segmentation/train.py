@@ -23,9 +23,9 @@ import torch
 
 import afan
 from afan import distributed
-from afan.checkpoint import load_checkpoint, save_checkpoint
+from afan.checkpoint import save_checkpoint
 from afan.cli import train_main
-from afan.rundir import RunDir, perturbation_sizes, progress, restore_training_state, training_state, write_summary
+from afan.rundir import RunDir, continue_run, perturbation_sizes, progress, training_state, write_summary
 from afan.runtime import seed_everything
 from afan.sampler import ResumableSampler
 from Segmentation.config import OptimConfig, TrainConfig
@@ -83,11 +83,7 @@ def _pixel_accuracy(logits, masks) -> float:
 def run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
     """Train (or continue) the run described by ``cfg``; returns the summary (under torchrun:
     on process 0; the others return an empty dict)."""
-    process, device = distributed.start(cfg.device)
-    try:
-        return _train(cfg, process, device, resume=resume, overwrite=overwrite)
-    finally:
-        distributed.stop()
+    return distributed.launch(_train, cfg, resume=resume, overwrite=overwrite)
 
 
 def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bool, overwrite: bool) -> dict:
@@ -103,12 +99,8 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
 
     start, best = 0, -1.0
     if resume:
-        state = load_checkpoint(Path(cfg.out) / RunDir.LAST)
-        restore_training_state(state, model, optimizer, scheduler)
+        state = continue_run(cfg.out, run_dir, model, optimizer, scheduler, position="iteration")
         start, best = state["iteration"], state["best_miou"]
-        if run_dir:
-            run_dir.metrics.truncate_after("iteration", start)
-            print(f"resuming {run_dir.path} at iteration {start}", flush=True)
     if run_dir:
         run_dir.save_config(cfg)
 

@@ -64,6 +64,16 @@ def start(device_name: str) -> tuple[Process, torch.device]:
     return process, device
 
 
+def launch(train: Callable, cfg, **kwargs):
+    """``train(cfg, process, device, **kwargs)`` in this process's place of the run (joining
+    and leaving the process group under torchrun)."""
+    process, device = start(cfg.device)
+    try:
+        return train(cfg, process, device, **kwargs)
+    finally:
+        stop()
+
+
 def stop() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

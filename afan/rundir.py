@@ -16,7 +16,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from afan.checkpoint import atomic_open
+from afan.checkpoint import atomic_open, load_checkpoint
 from afan.config import config_to_dict, save_config
 from afan.runtime import rng_state, set_rng_state
 
@@ -197,6 +197,18 @@ def restore_training_state(state: dict, model, optimizer, scheduler) -> None:
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
+
+
+def continue_run(out, run_dir, model, optimizer, scheduler, *, position: str) -> dict:
+    """Restore ``out/last.pth`` into model, optimizer, scheduler and RNGs (on every process)
+    and return it; ``run_dir`` (process 0 only, else None) drops the logged rows after the
+    checkpoint's ``position`` (e.g. ``"epoch"``, ``"iteration"``)."""
+    state = load_checkpoint(Path(out) / RunDir.LAST)
+    restore_training_state(state, model, optimizer, scheduler)
+    if run_dir:
+        run_dir.metrics.truncate_after(position, state[position])
+        print(f"resuming {run_dir.path} after {position} {state[position]}", flush=True)
+    return state
 
 
 def write_summary(run: RunDir, summary: dict) -> None:

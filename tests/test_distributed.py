@@ -85,8 +85,8 @@ class _Step:
         return self.step(self.model, *batch)
 
 
-def _reference(cfg: TrainConfig) -> dict:
-    """One process, each global batch as two halves (see the module docstring)."""
+def _epoch_reference(cfg: TrainConfig) -> dict:
+    """One process on the global batches of the classification trainer (epochs)."""
     seed_everything(cfg.seed, cfg.deterministic)
     splits = build_datasets(cfg.data, seed=cfg.seed)
     model = cls_train.build_model(cfg, splits.num_classes, torch.device("cpu")).train()
@@ -112,12 +112,36 @@ def _reference(cfg: TrainConfig) -> dict:
     return model.state_dict()
 
 
-@pytest.mark.parametrize("mode", ["base", "afan"])
-def test_two_processes_match_one_process_on_the_same_batches(tmp_path, mode):
-    overrides = [*SETTINGS, f"mode={mode}", f"out={tmp_path / 'ddp'}"]
-    mp.spawn(_worker, args=(2, _free_port(), "classification", overrides), nprocs=2, join=True)
-    trained = load_checkpoint(tmp_path / "ddp" / "last.pth")["model"]
-    expected = _one_thread(_reference, load_config(TrainConfig, overrides=overrides))
+def _iteration_reference(task: str, cfg) -> dict:
+    """One process on the global batches of an iteration-based trainer (segmentation, detection)."""
+    module, datasets, collate = {"segmentation": (seg_train, seg_datasets, seg_collate),
+                                 "detection": (det_train, det_datasets, det_collate)}[task]
+    seed_everything(cfg.seed, cfg.deterministic)
+    splits = datasets(cfg.data, seed=cfg.seed)
+    model = module.build_model(cfg, splits.num_classes, torch.device("cpu")).train()
+    rng_states = [torch.get_rng_state()] * 2  # the processes start from the same seed
+    if task == "segmentation":
+        optimizer = seg_train.make_optimizer(model, cfg.optim)
+        schedule = lambda it: seg_train.lr_factor(it, cfg.iterations, cfg.optim)  # noqa: E731
+    else:
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
+                                    momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+        schedule = lambda it: det_train.lr_factor(it, cfg.optim)  # noqa: E731
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    stream = iter(ResumableSampler(len(splits.train), cfg.seed))
+    step = _Step(model, lambda m, images, labels: module.training_step(m, images, labels, cfg))
+    half = cfg.batch_size // 2
+    for _ in range(cfg.iterations):
+        batch = [splits.train[next(stream)] for _ in range(cfg.batch_size)]
+        halves = [collate(batch[:half]), collate(batch[half:])]
+        optimizer.zero_grad(set_to_none=True)
+        _mean_of_halves(step, halves, rng_states).backward()
+        optimizer.step()
+        scheduler.step()
+    return model.state_dict()
+
+
+def _assert_same_weights(trained: dict, expected: dict, mode: str) -> None:
     assert trained.keys() == expected.keys()
     # A-FAN steps along sign(gradient): an entry whose gradient is within rounding of zero
     # may take the other sign when float sums run in another order (DDP's averaging), which
@@ -125,6 +149,15 @@ def test_two_processes_match_one_process_on_the_same_batches(tmp_path, mode):
     atol = 1e-4 if mode == "afan" else 1e-5
     for key, value in expected.items():
         torch.testing.assert_close(trained[key], value, rtol=1e-4, atol=atol, msg=key)
+
+
+@pytest.mark.parametrize("mode", ["base", "afan"])
+def test_two_processes_match_one_process_on_the_same_batches(tmp_path, mode):
+    overrides = [*SETTINGS, f"mode={mode}", f"out={tmp_path / 'ddp'}"]
+    mp.spawn(_worker, args=(2, _free_port(), "classification", overrides), nprocs=2, join=True)
+    trained = load_checkpoint(tmp_path / "ddp" / "last.pth")["model"]
+    expected = _one_thread(_epoch_reference, load_config(TrainConfig, overrides=overrides))
+    _assert_same_weights(trained, expected, mode)
     assert (tmp_path / "ddp" / "summary.json").is_file()  # process 0 finished the run alone
 
 
@@ -134,35 +167,13 @@ SEG_SETTINGS = ["model.name=deeplabv3plus_mobilenet", "data.name=shapes", "data.
                 "optim.lr=0.001", "eval.batch_size=2", "eval.save_images=0"]
 
 
-def _seg_reference(cfg: SegConfig) -> dict:
-    seed_everything(cfg.seed, cfg.deterministic)
-    splits = seg_datasets(cfg.data, seed=cfg.seed)
-    model = seg_train.build_model(cfg, splits.num_classes, torch.device("cpu")).train()
-    rng_states = [torch.get_rng_state()] * 2  # the processes start from the same seed
-    optimizer = seg_train.make_optimizer(model, cfg.optim)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: seg_train.lr_factor(it, cfg.iterations, cfg.optim))
-    stream = iter(ResumableSampler(len(splits.train), cfg.seed))
-    step = _Step(model, lambda m, images, masks: seg_train.training_step(m, images, masks, cfg))
-    half = cfg.batch_size // 2
-    for _ in range(cfg.iterations):
-        batch = [splits.train[next(stream)] for _ in range(cfg.batch_size)]
-        halves = [seg_collate(batch[:half]), seg_collate(batch[half:])]
-        optimizer.zero_grad(set_to_none=True)
-        _mean_of_halves(step, halves, rng_states).backward()
-        optimizer.step()
-        scheduler.step()
-    return model.state_dict()
-
-
 @pytest.mark.parametrize("mode", ["base", "afan"])
 def test_segmentation_two_processes_match_one_process(tmp_path, mode):
     overrides = [*SEG_SETTINGS, f"mode={mode}", f"out={tmp_path / 'ddp'}"]
     mp.spawn(_worker, args=(2, _free_port(), "segmentation", overrides), nprocs=2, join=True)
     trained = load_checkpoint(tmp_path / "ddp" / "last.pth")["model"]
-    expected = _one_thread(_seg_reference, load_config(SegConfig, overrides=overrides))
-    atol = 1e-4 if mode == "afan" else 1e-5  # see the classification test
-    for key, value in expected.items():
-        torch.testing.assert_close(trained[key], value, rtol=1e-4, atol=atol, msg=key)
+    expected = _one_thread(lambda cfg: _iteration_reference("segmentation", cfg), load_config(SegConfig, overrides=overrides))
+    _assert_same_weights(trained, expected, mode)
     rows = (tmp_path / "ddp" / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3"]  # logged once, by process 0
 
@@ -175,36 +186,14 @@ def _det_settings(tmp_path) -> list[str]:
             "optim.lr=0.005"]
 
 
-def _det_reference(cfg) -> dict:
-    seed_everything(cfg.seed, cfg.deterministic)
-    splits = det_datasets(cfg.data, seed=cfg.seed)
-    model = det_train.build_model(cfg, splits.num_classes, torch.device("cpu")).train()
-    rng_states = [torch.get_rng_state()] * 2  # the processes start from the same seed
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
-                                momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: det_train.lr_factor(it, cfg.optim))
-    stream = iter(ResumableSampler(len(splits.train), cfg.seed))
-    step = _Step(model, lambda m, images, targets: det_train.training_step(m, images, targets, cfg))
-    half = cfg.batch_size // 2
-    for _ in range(cfg.iterations):
-        batch = [splits.train[next(stream)] for _ in range(cfg.batch_size)]
-        halves = [det_collate(batch[:half]), det_collate(batch[half:])]
-        optimizer.zero_grad(set_to_none=True)
-        _mean_of_halves(step, halves, rng_states).backward()
-        optimizer.step()
-        scheduler.step()
-    return model.state_dict()
-
-
 @pytest.mark.parametrize("mode", ["base", "afan"])
 def test_detection_two_processes_match_one_process(tmp_path, mode):
     overrides = [*_det_settings(tmp_path), f"mode={mode}", f"out={tmp_path / 'ddp'}"]
     mp.spawn(_worker, args=(2, _free_port(), "detection", overrides), nprocs=2, join=True)
     trained = load_checkpoint(tmp_path / "ddp" / "last.pth")["model"]
-    expected = _one_thread(_det_reference, load_config(det_train.TrainConfig, overrides=overrides))
-    atol = 1e-4 if mode == "afan" else 1e-5  # see the classification test
-    for key, value in expected.items():
-        torch.testing.assert_close(trained[key], value, rtol=1e-4, atol=atol, msg=key)
+    expected = _one_thread(lambda cfg: _iteration_reference("detection", cfg),
+                           load_config(det_train.TrainConfig, overrides=overrides))
+    _assert_same_weights(trained, expected, mode)
 
 
 def test_batch_must_split_over_the_processes():

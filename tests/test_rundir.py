@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from afan.config import load_config
-from afan.rundir import MetricsLog, RunDir, perturbation_sizes, progress
+from afan.checkpoint import save_checkpoint
+from afan.rundir import MetricsLog, RunDir, continue_run, perturbation_sizes, progress, training_state
 
 
 @dataclass
@@ -168,3 +169,26 @@ def test_perturbation_sizes_are_the_mean_l2_and_the_largest_entry():
     sizes = perturbation_sizes("se", delta)
     assert sizes == {"se_l2": pytest.approx(2.5), "se_linf": pytest.approx(4.0)}
     assert perturbation_sizes("sd", None) == {}
+
+
+def test_continue_run_restores_the_state_and_trims_the_log(tmp_path, capsys):
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 0.5 ** it)
+    run = RunDir(tmp_path / "run")
+    for it in (1, 2, 3):
+        run.metrics.log(iteration=it, loss=1.0 / it)
+    save_checkpoint(training_state({"model": model.state_dict()}, optimizer, scheduler, {}, iteration=2),
+                    run.last_checkpoint)
+    fresh = torch.nn.Linear(2, 2)
+    fresh_optimizer = torch.optim.SGD(fresh.parameters(), lr=0.1)
+    fresh_scheduler = torch.optim.lr_scheduler.LambdaLR(fresh_optimizer, lambda it: 0.5 ** it)
+    state = continue_run(run.path, run, fresh, fresh_optimizer, fresh_scheduler, position="iteration")
+    assert state["iteration"] == 2 and torch.equal(fresh.weight, model.weight)
+    assert [r["iteration"] for r in run.metrics.rows()] == [1, 2]
+    assert f"resuming {run.path} after iteration 2" in capsys.readouterr().out
+    # Other processes pass no run folder: they restore and touch no file.
+    other = torch.nn.Linear(2, 2)
+    continue_run(run.path, None, other, torch.optim.SGD(other.parameters(), lr=0.1), fresh_scheduler,
+                 position="iteration")
+    assert torch.equal(other.weight, model.weight)
