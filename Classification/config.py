@@ -72,6 +72,8 @@ class TrainConfig:
     device: str = "auto"
     # NHWC tensors: several times faster for these convolutions on CPU (oneDNN) and on GPU.
     channels_last: bool = True
+    # Mixed precision of the training passes; auto: bf16 (else fp16) on CUDA, fp32 on the CPU.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     sync_bn: bool = False  # under torchrun on CUDA: BatchNorm statistics over the whole batch
     out: str = "runs/classification"
     data: DataConfig = field(default_factory=DataConfig)

@@ -27,7 +27,7 @@ from afan.checkpoint import save_checkpoint
 from afan.cli import train_main
 from afan.config import ConfigError
 from afan.rundir import RunDir, continue_run, progress, training_state, write_summary
-from afan.runtime import seed_everything
+from afan.runtime import autocast, grad_scaler, optimizer_step, resolve_precision, seed_everything
 from Classification.config import OptimConfig, TrainConfig
 from Classification.data import build_datasets, make_loader
 from Classification.evaluation import evaluate
@@ -78,21 +78,21 @@ def training_step(model, x, y, cfg: TrainConfig):
     return base_step(model, x, y)
 
 
-def train_one_epoch(model, run_step, loader, optimizer, scheduler, cfg: TrainConfig, device, epoch: int) -> dict:
+def train_one_epoch(model, run_step, loader, optimizer, scheduler, scaler, cfg: TrainConfig, device, epoch: int) -> dict:
     """One epoch of ``run_step(x, y)`` steps; the logged sums are taken over all processes."""
+    precision = resolve_precision(cfg.precision, device)
     model.train()
     seen = correct = 0
     loss_sum = l2_sum = linf_sum = 0.0
     for x, y in progress(loader, desc=f"{cfg.mode} epoch {epoch}", leave=False):
         x = x.to(device, memory_format=memory_format(cfg), non_blocking=True)
         y = y.to(device, non_blocking=True)
-        result = run_step(x, y)
+        with autocast(precision, device):
+            result = run_step(x, y)
         if not torch.isfinite(result.loss):
             raise FloatingPointError(f"non-finite loss {result.loss.item()} at epoch {epoch}, "
                                      f"iteration {scheduler.last_epoch}; lower optim.lr")
-        optimizer.zero_grad(set_to_none=True)
-        result.loss.backward()
-        optimizer.step()
+        optimizer_step(result.loss, optimizer, scaler)
         scheduler.step()
         n = y.numel()
         seen += n
@@ -134,10 +134,12 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
     val_loader = make_loader(splits.val, cfg.batch_size, train=False, **loader_args)
 
     optimizer, scheduler = make_optimizer(model, cfg, len(train_loader))
+    scaler = grad_scaler(resolve_precision(cfg.precision, device), device)
 
     start_epoch, best_acc = 0, -1.0
     if resume:
-        state = continue_run(cfg.out, run_dir, model, optimizer, scheduler, position="epoch")
+        state = continue_run(cfg.out, run_dir, model, optimizer, scheduler, position="epoch",
+                             scaler=scaler)
         start_epoch, best_acc = state["epoch"] + 1, state["best_val_acc"]
     if run_dir:
         run_dir.save_config(cfg)
@@ -151,7 +153,7 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
         else:
             train_loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-        row.update(train_one_epoch(model, run_step, train_loader, optimizer, scheduler, cfg, device, epoch))
+        row.update(train_one_epoch(model, run_step, train_loader, optimizer, scheduler, scaler, cfg, device, epoch))
         if not run_dir:
             continue  # the next step's gradient averaging waits for process 0 to finish below
         row["val_acc"] = evaluate(model, val_loader, device, memory_format(cfg), desc="val")["top1"]
@@ -161,7 +163,7 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
             best_acc = row["val_acc"]
             best = checkpoint_payload(afan.strip_aux_bn(model))
             save_checkpoint({**best, "epoch": epoch, "val_acc": best_acc}, run_dir.best_checkpoint)
-        save_checkpoint(training_state(checkpoint_payload(model), optimizer, scheduler, cfg,
+        save_checkpoint(training_state(checkpoint_payload(model), optimizer, scheduler, cfg, scaler=scaler,
                                        epoch=epoch, best_val_acc=best_acc), run_dir.last_checkpoint)
         print(f"epoch {epoch}: " + " ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"),
               flush=True)

@@ -28,7 +28,7 @@ from afan import distributed
 from afan.checkpoint import save_checkpoint
 from afan.cli import train_main
 from afan.rundir import RunDir, continue_run, perturbation_sizes, progress, training_state, write_summary
-from afan.runtime import seed_everything
+from afan.runtime import autocast, grad_scaler, optimizer_step, resolve_precision, seed_everything
 from afan.sampler import ResumableSampler
 from afan.settings import AdvPropConfig
 from Detection.config import AfanConfig, ModelConfig
@@ -68,6 +68,8 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     device: str = "auto"
+    # Mixed precision of the training passes; auto: bf16 (else fp16) on CUDA, fp32 on the CPU.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     sync_bn: bool = False  # under torchrun on CUDA: BatchNorm statistics over the whole batch
     out: str = "runs/detection"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -133,9 +135,13 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
                                 weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg.optim))
 
+    precision = resolve_precision(cfg.precision, device)
+    scaler = grad_scaler(precision, device)
+
     start = 0
     if resume:
-        start = continue_run(cfg.out, run_dir, model, optimizer, scheduler, position="iteration")["iteration"]
+        start = continue_run(cfg.out, run_dir, model, optimizer, scheduler, position="iteration",
+                             scaler=scaler)["iteration"]
     if run_dir:
         run_dir.save_config(cfg)
 
@@ -155,14 +161,13 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
         images, targets = next(batches)
         images = [image.to(device) for image in images]
         targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-        result = run_step(images, targets)
+        with autocast(precision, device):
+            result = run_step(images, targets)
         if not torch.isfinite(result.loss):
             terms = ", ".join(f"{k} {v.item():.4g}" for k, v in result.losses.items())
             raise FloatingPointError(f"non-finite loss at iteration {iteration} ({terms}); "
                                      f"the last good state is {Path(cfg.out) / RunDir.LAST}; lower optim.lr")
-        optimizer.zero_grad(set_to_none=True)
-        result.loss.backward()
-        optimizer.step()
+        optimizer_step(result.loss, optimizer, scaler)
         scheduler.step()
         values = {"loss": result.loss.item(), **{k: v.item() for k, v in result.losses.items()},
                   **perturbation_sizes("se", result.se_perturbation), **perturbation_sizes("sd", result.sd_perturbation)}
@@ -179,7 +184,7 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
                                     sec_per_iter=(time.perf_counter() - tic) / count)
             window, count, tic = {}, 0, time.perf_counter()
         if run_dir and (done % cfg.checkpoint_every == 0 or done == cfg.iterations):
-            save_checkpoint(training_state(checkpoint_payload(model), optimizer, scheduler, cfg, iteration=done),
+            save_checkpoint(training_state(checkpoint_payload(model), optimizer, scheduler, cfg, scaler=scaler, iteration=done),
                             run_dir.last_checkpoint)
     if not run_dir:
         return {}

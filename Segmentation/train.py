@@ -26,7 +26,7 @@ from afan import distributed
 from afan.checkpoint import save_checkpoint
 from afan.cli import train_main
 from afan.rundir import RunDir, continue_run, perturbation_sizes, progress, training_state, write_summary
-from afan.runtime import seed_everything
+from afan.runtime import autocast, grad_scaler, optimizer_step, resolve_precision, seed_everything
 from afan.sampler import ResumableSampler
 from Segmentation.config import OptimConfig, TrainConfig
 from Segmentation.data import build_datasets, make_loader
@@ -97,9 +97,13 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
     optimizer = make_optimizer(model, cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg.iterations, cfg.optim))
 
+    precision = resolve_precision(cfg.precision, device)
+    scaler = grad_scaler(precision, device)
+
     start, best = 0, -1.0
     if resume:
-        state = continue_run(cfg.out, run_dir, model, optimizer, scheduler, position="iteration")
+        state = continue_run(cfg.out, run_dir, model, optimizer, scheduler, position="iteration",
+                             scaler=scaler)
         start, best = state["iteration"], state["best_miou"]
     if run_dir:
         run_dir.save_config(cfg)
@@ -120,14 +124,13 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
                               disable=None if process.is_main else True):
         images, masks = next(batches)
         images, masks = images.to(device), masks.to(device)
-        result = run_step(images, masks)
+        with autocast(precision, device):
+            result = run_step(images, masks)
         if not torch.isfinite(result.loss):
             terms = ", ".join(f"{k} {v.item():.4g}" for k, v in result.losses.items())
             raise FloatingPointError(f"non-finite loss at iteration {iteration} ({terms}); "
                                      f"the last good state is {Path(cfg.out) / RunDir.LAST}; lower optim.lr")
-        optimizer.zero_grad(set_to_none=True)
-        result.loss.backward()
-        optimizer.step()
+        optimizer_step(result.loss, optimizer, scaler)
         scheduler.step()
         values = {"loss": result.loss.item(), **{k: v.item() for k, v in result.losses.items()},
                   "train_pixel_acc": _pixel_accuracy(result.logits.detach(), masks),
@@ -158,7 +161,7 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
             run_dir.metrics.log(iteration=done, lr=optimizer.param_groups[-1]["lr"], **means, sec_per_iter=seconds,
                                 **{f"val_{k}": v for k, v in scores.items()})
         if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
-            save_checkpoint(training_state(checkpoint_payload(model), optimizer, scheduler, cfg,
+            save_checkpoint(training_state(checkpoint_payload(model), optimizer, scheduler, cfg, scaler=scaler,
                                            iteration=done, best_miou=best), run_dir.last_checkpoint)
     if not run_dir:
         return {}

@@ -183,28 +183,31 @@ def progress(iterable=None, *, total=None, desc=None, disable=None, **kwargs):
     return tqdm(iterable, total=total, desc=desc, disable=disable, **kwargs)
 
 
-def training_state(payload: dict, optimizer, scheduler, cfg, **progress_marks) -> dict:
+def training_state(payload: dict, optimizer, scheduler, cfg, *, scaler=None, **progress_marks) -> dict:
     """What ``last.pth`` holds to continue a run exactly: the model ``payload`` (the task's
-    checkpoint format), optimizer, scheduler, every RNG state, the config and the position
-    (e.g. ``epoch=``, ``iteration=``)."""
-    return {**payload, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    checkpoint format), optimizer, scheduler, fp16 grad scaler, every RNG state, the config and
+    the position (e.g. ``epoch=``, ``iteration=``)."""
+    scaler_state = {"scaler": scaler.state_dict()} if scaler is not None and scaler.is_enabled() else {}
+    return {**payload, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **scaler_state,
             "rng": rng_state(), "config": config_to_dict(cfg), **progress_marks}
 
 
-def restore_training_state(state: dict, model, optimizer, scheduler) -> None:
-    """Put a ``training_state`` back into fresh model, optimizer, scheduler and RNGs."""
+def restore_training_state(state: dict, model, optimizer, scheduler, scaler=None) -> None:
+    """Put a ``training_state`` back into fresh model, optimizer, scheduler, scaler and RNGs."""
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
 
 
-def continue_run(out, run_dir, model, optimizer, scheduler, *, position: str) -> dict:
+def continue_run(out, run_dir, model, optimizer, scheduler, *, position: str, scaler=None) -> dict:
     """Restore ``out/last.pth`` into model, optimizer, scheduler and RNGs (on every process)
     and return it; ``run_dir`` (process 0 only, else None) drops the logged rows after the
     checkpoint's ``position`` (e.g. ``"epoch"``, ``"iteration"``)."""
     state = load_checkpoint(Path(out) / RunDir.LAST)
-    restore_training_state(state, model, optimizer, scheduler)
+    restore_training_state(state, model, optimizer, scheduler, scaler)
     if run_dir:
         run_dir.metrics.truncate_after(position, state[position])
         print(f"resuming {run_dir.path} after {position} {state[position]}", flush=True)

@@ -1,7 +1,8 @@
-"""Device choice and random seeding: chosen explicitly, and restorable for an exact resume."""
+"""Device choice, random seeding (restorable for an exact resume) and mixed precision."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -101,3 +102,40 @@ def set_rng_state(state: dict) -> None:
         # A resume may see fewer GPUs than the run that saved; restore those that exist.
         for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(cuda_state.cpu(), index)
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 mixed precision on a CUDA device that has it, else fp16 on CUDA, fp32 on the CPU."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not valid; choose one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def autocast(precision: str, device: torch.device):
+    """The forward passes' mixed precision: ``torch.autocast`` in bf16 or fp16, nothing for fp32.
+    Feature PGD keeps its perturbation in float32 either way (``afan.feature_pgd``)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 (its small gradients would underflow); a pass-through otherwise."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def optimizer_step(loss: torch.Tensor, optimizer, scaler: torch.amp.GradScaler) -> None:
+    """Back-propagate ``loss`` (scaled for fp16) and step; a step whose scaled gradients are
+    not finite is skipped by the scaler, which then lowers its scale."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()

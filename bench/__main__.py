@@ -21,10 +21,11 @@ from pathlib import Path
 
 import torch
 
+from afan.runtime import PRECISIONS
 from bench.cases import MODES, TASKS, TINY
 from bench.measure import measure_apart
 
-COLUMNS = ("task", "mode", "device", "step_ms", "x_base", "peak_mb", "mem_x_base", "needed_ms", "step_over_needed",
+COLUMNS = ("task", "mode", "device", "precision", "step_ms", "x_base", "peak_mb", "mem_x_base", "needed_ms", "step_over_needed",
            "description")
 
 
@@ -37,7 +38,7 @@ def rows_of(results: list[dict]) -> list[dict]:
         needed = sum(p["seconds"] * p["count"] for p in r["passes"].values()) if r["passes"] else None
         peak, ref_peak = r["peak_bytes"], ref and ref["peak_bytes"]
         rows.append({
-            "task": r["task"], "mode": r["mode"], "device": r["device"],
+            "task": r["task"], "mode": r["mode"], "device": r["device"], "precision": r["precision"],
             "step_ms": 1000 * r["step_s"],
             "x_base": r["step_s"] / ref["step_s"] if ref else None,
             "peak_mb": None if peak is None else peak / 2 ** 20,
@@ -89,15 +90,16 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps; the median is reported")
+    parser.add_argument("--precision", default="fp32", help="fp32, bf16, fp16, or auto (bf16 on CUDA)")
     parser.add_argument("--tiny", action="store_true", help="small models and batches (a quick check)")
     parser.add_argument("--data-root", default="data", help="where the Shapes detection data is written")
     parser.add_argument("--csv", default="runs/bench.csv", help="where the rows are written")
     args = parser.parse_args(argv)
     tasks, modes = args.tasks.split(","), args.modes.split(",")
     unknown = sorted(set(tasks) - set(TASKS)) + sorted(set(modes) - set(MODES))
-    if unknown or args.warmup < 0 or args.repeats < 1:
-        print(f"error: unknown task or mode {unknown}; choose from {TASKS} and {MODES}, with --warmup >= 0 "
-              "and --repeats >= 1", file=sys.stderr)
+    if unknown or args.warmup < 0 or args.repeats < 1 or args.precision not in PRECISIONS:
+        print(f"error: unknown task or mode {unknown}; choose from {TASKS} and {MODES}, with --warmup >= 0, "
+              f"--repeats >= 1 and --precision one of {', '.join(PRECISIONS)}", file=sys.stderr)
         return 2
     if "base" not in modes:
         modes.insert(0, "base")  # the ratios need it
@@ -105,7 +107,8 @@ def main(argv=None) -> int:
     for task in tasks:
         overrides = [*(TINY[task] if args.tiny else []), *([f"data.root={args.data_root}"] if task == "detection" else [])]
         for mode in modes:
-            results.append(measure_apart(task, mode, args.device, overrides, args.warmup, args.repeats))
+            results.append(measure_apart(task, mode, args.device, overrides, args.warmup, args.repeats,
+                                         args.precision))
             print(f"{task} {mode}: {1000 * results[-1]['step_s']:.1f} ms/step", file=sys.stderr, flush=True)
     rows = rows_of(results)
     print(f"machine: {machine()}; torch {torch.__version__}; median of {args.repeats} steps after {args.warmup}")

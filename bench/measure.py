@@ -19,7 +19,7 @@ from multiprocessing import get_context
 
 import torch
 
-from afan.runtime import select_device
+from afan.runtime import autocast, resolve_precision, select_device
 from bench.cases import BUILDERS
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -67,17 +67,26 @@ def _timed(fn, device) -> float:
     return time.perf_counter() - tic
 
 
-def measure(task: str, mode: str, device_name: str, overrides: list[str], warmup: int, repeats: int) -> dict:
+def measure(task: str, mode: str, device_name: str, overrides: list[str], warmup: int, repeats: int,
+            precision: str = "fp32") -> dict:
     """Median step time (s) and peak added memory (bytes) of one case, and for ``afan`` the
-    median time of each needed pass with its count per step."""
+    median time of each needed pass with its count per step; forward passes in ``precision``
+    (``auto``: as the trainers choose)."""
     torch.manual_seed(0)
     device = select_device(device_name)
+    precision = resolve_precision(precision, device)
     case = BUILDERS[task](mode, device, overrides)
     model = case.model
 
+    def in_precision(fn):
+        def run():
+            with autocast(precision, device):
+                return fn()
+        return run
+
     def step():
         model.zero_grad(set_to_none=True)
-        case.step()
+        in_precision(case.step)()
 
     # Memory is taken from before the first step: the allocator keeps what a step freed, so
     # after warm-up the resident set would no longer grow.
@@ -93,11 +102,12 @@ def measure(task: str, mode: str, device_name: str, overrides: list[str], warmup
         peak = rss.added
     passes = {}
     for name, (fn, count) in case.passes.items():
+        fn = in_precision(fn)
         fn()  # warm-up: the first call of a new shape pays for its kernels and buffers
         model.zero_grad(set_to_none=True)
         passes[name] = {"seconds": statistics.median(_timed(fn, device) for _ in range(repeats)), "count": count}
         model.zero_grad(set_to_none=True)
-    return {"task": task, "mode": mode, "device": str(device), "description": case.description,
+    return {"task": task, "mode": mode, "device": str(device), "precision": precision, "description": case.description,
             "step_s": statistics.median(times), "peak_bytes": peak, "passes": passes}
 
 

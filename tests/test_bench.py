@@ -11,8 +11,8 @@ from bench.measure import measure
 
 def test_rows_are_ratios_to_base_and_the_needed_passes():
     results = [
-        {"task": "t", "mode": "base", "device": "cpu", "description": "d", "step_s": 0.2, "peak_bytes": 100, "passes": {}},
-        {"task": "t", "mode": "afan", "device": "cpu", "description": "d", "step_s": 0.5, "peak_bytes": 150,
+        {"task": "t", "mode": "base", "device": "cpu", "precision": "fp32", "description": "d", "step_s": 0.2, "peak_bytes": 100, "passes": {}},
+        {"task": "t", "mode": "afan", "device": "cpu", "precision": "fp32", "description": "d", "step_s": 0.5, "peak_bytes": 150,
          "passes": {"clean": {"seconds": 0.2, "count": 1}, "se_attack": {"seconds": 0.05, "count": 2},
                     "se_strength": {"seconds": 0.1, "count": 2}}},
     ]
@@ -21,7 +21,7 @@ def test_rows_are_ratios_to_base_and_the_needed_passes():
     assert afan["x_base"] == pytest.approx(2.5) and afan["mem_x_base"] == pytest.approx(1.5)
     assert afan["needed_ms"] == pytest.approx(500) and afan["step_over_needed"] == pytest.approx(1.0)
     table = bench.format_table([base, afan])
-    assert table.splitlines()[0].startswith("| task | mode |") and "| t | afan | cpu | 500 | 2.50 |" in table
+    assert table.splitlines()[0].startswith("| task | mode |") and "| t | afan | cpu | fp32 | 500 | 2.50 |" in table
 
 
 @pytest.mark.parametrize("task", sorted(BUILDERS))
@@ -41,8 +41,11 @@ def test_command_line_writes_the_table_and_csv(tmp_path, capsys):
     assert bench.main(["--tiny", "--device", "cpu", "--tasks", "segmentation", "--modes", "afan", "--warmup", "0",
                        "--repeats", "1", "--csv", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "| segmentation | base | cpu |" in printed and "| segmentation | afan | cpu |" in printed
+    assert "| segmentation | base | cpu | fp32 |" in printed and "| segmentation | afan | cpu | fp32 |" in printed
     rows = list(csv.DictReader(open(out)))
     assert [r["mode"] for r in rows] == ["base", "afan"] and float(rows[1]["step_over_needed"]) > 0
+    assert bench.main(["--tiny", "--device", "cpu", "--tasks", "classification", "--modes", "base", "--warmup", "0",
+                       "--repeats", "1", "--precision", "bf16", "--csv", str(out)]) == 0
+    assert list(csv.DictReader(open(out)))[0]["precision"] == "bf16"
     assert bench.main(["--tasks", "segmentaton"]) == 2
     assert "unknown task or mode ['segmentaton']" in capsys.readouterr().err
