@@ -112,6 +112,7 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     device: str = "auto"
+    channels_last: bool = True  # NHWC tensors, faster convolutions with oneDNN (CPU) and cuDNN (GPU)
     # Mixed precision of the training passes; auto: bf16 (else fp16) on CUDA, fp32 on the CPU.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     sync_bn: bool = False  # under torchrun on CUDA: BatchNorm statistics over the whole batch

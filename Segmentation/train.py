@@ -43,6 +43,10 @@ def lr_factor(iteration: int, iterations: int, cfg: OptimConfig) -> float:
     return (1 - iteration / iterations) ** cfg.power
 
 
+def memory_format(cfg: TrainConfig) -> torch.memory_format:
+    return torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+
 def build_model(cfg: TrainConfig, num_classes: int, device) -> torch.nn.Module:
     model = create_model(cfg.model.name, num_classes, output_stride=cfg.model.output_stride)
     if cfg.model.backbone_weights:
@@ -54,7 +58,7 @@ def build_model(cfg: TrainConfig, num_classes: int, device) -> torch.nn.Module:
                             example_input=torch.rand(2, 3, TRACE_SIZE, TRACE_SIZE))
     elif cfg.mode == "advprop":
         afan.convert_aux_bn(model)
-    return model.to(device)
+    return model.to(device, memory_format=memory_format(cfg))
 
 
 def make_optimizer(model, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -123,7 +127,7 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
     for iteration in progress(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc=cfg.mode,
                               disable=None if process.is_main else True):
         images, masks = next(batches)
-        images, masks = images.to(device), masks.to(device)
+        images, masks = images.to(device, memory_format=memory_format(cfg)), masks.to(device)
         with autocast(precision, device):
             result = run_step(images, masks)
         if not torch.isfinite(result.loss):

@@ -3,6 +3,7 @@
     python -m bench                                   # every task and mode on the best device
     python -m bench --device cpu --tasks classification --repeats 10
     python -m bench --tiny                            # small models and batches: a quick check
+    python -m bench --tasks segmentation channels_last=false batch_size=16   # config overrides
 
 Each (task, mode) runs in a fresh process on the task's Shapes setting (see ``bench.cases``)
 and reports the median step time after warm-up and the peak memory the steps add. The table
@@ -94,6 +95,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", help="small models and batches (a quick check)")
     parser.add_argument("--data-root", default="data", help="where the Shapes detection data is written")
     parser.add_argument("--csv", default="runs/bench.csv", help="where the rows are written")
+    parser.add_argument("settings", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides for every task benchmarked, e.g. channels_last=false")
     args = parser.parse_args(argv)
     tasks, modes = args.tasks.split(","), args.modes.split(",")
     unknown = sorted(set(tasks) - set(TASKS)) + sorted(set(modes) - set(MODES))
@@ -105,7 +108,8 @@ def main(argv=None) -> int:
         modes.insert(0, "base")  # the ratios need it
     results = []
     for task in tasks:
-        overrides = [*(TINY[task] if args.tiny else []), *([f"data.root={args.data_root}"] if task == "detection" else [])]
+        overrides = [*(TINY[task] if args.tiny else []), *([f"data.root={args.data_root}"] if task == "detection" else []),
+                     *args.settings]
         for mode in modes:
             results.append(measure_apart(task, mode, args.device, overrides, args.warmup, args.repeats,
                                          args.precision))

@@ -90,7 +90,7 @@ def segmentation(mode: str, device, overrides=()) -> Case:
     splits = build_datasets(cfg.data, seed=0)
     model = task.build_model(cfg, splits.num_classes, device).train()
     images, masks = next(iter(make_loader(splits.train, cfg.batch_size, train=True, workers=0, seed=0, drop_last=True)))
-    images, masks = images.to(device), masks.to(device)
+    images, masks = images.to(device, memory_format=task.memory_format(cfg)), masks.to(device)
 
     def step():
         return _backward(task.training_step(model, images, masks, cfg).loss)
