@@ -29,10 +29,10 @@ from afan.checkpoint import save_checkpoint
 from afan.cli import train_main
 from afan.rundir import RunDir, continue_run, perturbation_sizes, progress, training_state, write_summary
 from afan.runtime import autocast, grad_scaler, optimizer_step, resolve_precision, seed_everything
-from afan.sampler import ResumableSampler
+from afan.loading import iteration_batches
 from afan.settings import AdvPropConfig
 from Detection.config import AfanConfig, ModelConfig
-from Detection.data import DataConfig, build_datasets, make_loader
+from Detection.data import DataConfig, build_datasets, collate
 from Detection.evaluation import run_evaluation
 from Detection.models import checkpoint_payload, create_model
 from Detection.steps import advprop_step, afan_step, base_step
@@ -145,17 +145,13 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
     if run_dir:
         run_dir.save_config(cfg)
 
-    # The sampler continues the same endless shuffle after a resume; each process takes its
-    # part of every global batch.
-    local_batch = distributed.local_batch_size(cfg.batch_size, process)
-    sampler = ResumableSampler(len(splits.train), cfg.seed, start=start * cfg.batch_size, rank=process.rank,
-                               world_size=process.world_size, local_batch=local_batch)
-    loader = make_loader(splits.train, local_batch, train=True, workers=cfg.data.workers,
-                         seed=cfg.seed, sampler=sampler, drop_last=True)
+    # The same endless shuffle continues after a resume; each process takes its part of every
+    # global batch.
+    batches = iteration_batches(splits.train, cfg.batch_size, process, seed=cfg.seed, start_iteration=start,
+                                workers=cfg.data.workers, collate_fn=collate)
     model.train()
     window: dict[str, float] = {}
     count, tic = 0, time.perf_counter()
-    batches = iter(loader)
     for iteration in progress(range(start, cfg.iterations), initial=start, total=cfg.iterations,
                               desc=f"{cfg.mode}", disable=None if process.is_main else True):
         images, targets = next(batches)

@@ -9,6 +9,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
+from afan.distributed import Process, local_batch_size
+from afan.sampler import ResumableSampler
+
 
 class DataError(RuntimeError):
     """A data set that cannot be used; the message names the problem and how to fix it."""
@@ -71,3 +74,15 @@ def make_loader(
         worker_init_fn=seed_worker,
         generator=generator,  # also seeds the workers' torch RNG, hence the augmentations
     )
+
+
+def iteration_batches(dataset: Dataset, batch_size: int, process: Process, *, seed: int, start_iteration: int,
+                      workers: int, collate_fn: Optional[Callable] = None):
+    """Endless training batches for iteration-based training, continuing after
+    ``start_iteration`` iterations of ``batch_size`` (the global batch). Under torchrun each
+    process gets its ``batch_size / world_size`` part of every global batch."""
+    local_batch = local_batch_size(batch_size, process)
+    sampler = ResumableSampler(len(dataset), seed, start=start_iteration * batch_size, rank=process.rank,
+                               world_size=process.world_size, local_batch=local_batch)
+    return iter(make_loader(dataset, local_batch, train=True, workers=workers, seed=seed, sampler=sampler,
+                            drop_last=True, collate_fn=collate_fn))
