@@ -8,8 +8,9 @@ training runs. The A-FAN passes are what the method cannot avoid, each timed on 
 * ``clean``: the clean forward and backward pass (the whole ``base`` step);
 * ``se_attack``: the tail forward from the SE feature and the backward to that feature only,
   ``steps`` times;
-* ``se_strength``: the tail forward and backward (parameter gradients) on one strength,
-  ``n`` times;
+* ``se_strength``: the tail forward and backward on one strength, ``n`` times: parameter
+  gradients and the gradient towards the feature, which A-FAN passes on to the head (the
+  strengths are made from the clean feature, as released);
 * ``sd_attack`` / ``sd_strength``: the same for the SD feature (detection: pooled RoI
   features; segmentation: the ASPP output), ``sd_steps`` times and once.
 """
@@ -41,6 +42,11 @@ def _grad_to(loss_fn, feature):
     """The backward of an attack step: the gradient towards the feature only."""
     feature = feature.detach().requires_grad_(True)
     return torch.autograd.grad(loss_fn(feature), feature)[0]
+
+
+def _attached(feature):
+    """A copy of the feature that asks for its gradient, as the head's output does."""
+    return feature.detach().requires_grad_(True)
 
 
 def _backward(loss):
@@ -77,7 +83,7 @@ def classification(mode: str, device, overrides=()) -> Case:
 
         passes = {"clean": (lambda: _backward(F.cross_entropy(model(x), y)), 1),
                   "se_attack": (lambda: _grad_to(loss, h), cfg.afan.steps),
-                  "se_strength": (lambda: _backward(loss(h)), cfg.afan.n)}
+                  "se_strength": (lambda: _backward(loss(_attached(h))), cfg.afan.n)}
     return Case(model, step, passes, f"{cfg.model}, batch {cfg.batch_size} of {x.shape[-1]} px, "
                               f"SE after {cfg.afan.layer}, {cfg.afan.steps} PGD steps")
 
@@ -109,7 +115,7 @@ def segmentation(mode: str, device, overrides=()) -> Case:
 
         passes = {"clean": (lambda: _backward(segmentation_loss(model(images), masks)), 1),
                   "se_attack": (lambda: _grad_to(se_loss, h), cfg.afan.se_steps),
-                  "se_strength": (lambda: _backward(se_loss(h)), cfg.afan.n)}
+                  "se_strength": (lambda: _backward(se_loss(_attached(h))), cfg.afan.n)}
         if cfg.afan.sd:
             passes.update(sd_attack=(lambda: _grad_to(sd_loss, aspp), cfg.afan.sd_steps),
                           sd_strength=(lambda: _backward(sd_loss(aspp)), 1))
@@ -148,7 +154,7 @@ def detection(mode: str, device, overrides=()) -> Case:
 
         passes = {"clean": (lambda: _backward(sum(model(images, targets).values())), 1),
                   "se_attack": (lambda: _grad_to(se_loss, feats[at]), cfg.afan.se_steps),
-                  "se_strength": (lambda: _backward(se_loss(feats[at])), cfg.afan.n)}
+                  "se_strength": (lambda: _backward(se_loss(_attached(feats[at]))), cfg.afan.n)}
         if cfg.afan.sd:
             passes.update(sd_attack=(lambda: _grad_to(sd_loss, roi.pooled), cfg.afan.sd_steps),
                           sd_strength=(lambda: _backward(sd_loss(roi.pooled.detach())), 1))
