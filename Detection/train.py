@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import bisect
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -27,9 +26,9 @@ import afan
 from afan import distributed
 from afan.checkpoint import save_checkpoint
 from afan.cli import train_main
-from afan.rundir import RunDir, continue_run, perturbation_sizes, progress, training_state, write_summary
-from afan.runtime import autocast, grad_scaler, optimizer_step, resolve_precision, seed_everything
 from afan.loading import iteration_batches
+from afan.rundir import LogWindow, RunDir, continue_run, perturbation_sizes, progress, training_state, write_summary
+from afan.runtime import autocast, grad_scaler, optimizer_step, resolve_precision, seed_everything
 from afan.settings import AdvPropConfig
 from Detection.config import AfanConfig, ModelConfig
 from Detection.data import DataConfig, build_datasets, collate
@@ -150,8 +149,7 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
     batches = iteration_batches(splits.train, cfg.batch_size, process, seed=cfg.seed, start_iteration=start,
                                 workers=cfg.data.workers, collate_fn=collate)
     model.train()
-    window: dict[str, float] = {}
-    count, tic = 0, time.perf_counter()
+    window = LogWindow()
     for iteration in progress(range(start, cfg.iterations), initial=start, total=cfg.iterations,
                               desc=f"{cfg.mode}", disable=None if process.is_main else True):
         images, targets = next(batches)
@@ -167,18 +165,12 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
         scheduler.step()
         values = {"loss": result.loss.item(), **{k: v.item() for k, v in result.losses.items()},
                   **perturbation_sizes("se", result.se_perturbation), **perturbation_sizes("sd", result.sd_perturbation)}
-        for k, v in values.items():
-            window[k] = window.get(k, 0.0) + v
-        count += 1
+        window.add(values)
         done = iteration + 1
         if done % cfg.log_every == 0 or done == cfg.iterations:
-            # Every process comes here at the same iterations: the means are over all of them.
-            sums = distributed.sum_over_processes(list(window.values()), device)
-            means = {k: v / (count * process.world_size) for k, v in zip(window, sums)}
+            means = window.close(process, device)  # every process comes here at the same iterations
             if run_dir:
-                run_dir.metrics.log(iteration=done, lr=optimizer.param_groups[0]["lr"], **means,
-                                    sec_per_iter=(time.perf_counter() - tic) / count)
-            window, count, tic = {}, 0, time.perf_counter()
+                run_dir.metrics.log(iteration=done, lr=optimizer.param_groups[0]["lr"], **means)
         if run_dir and (done % cfg.checkpoint_every == 0 or done == cfg.iterations):
             save_checkpoint(training_state(checkpoint_payload(model), optimizer, scheduler, cfg, scaler=scaler, iteration=done),
                             run_dir.last_checkpoint)

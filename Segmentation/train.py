@@ -16,7 +16,6 @@ predictions) and one line ``SUMMARY {json}`` is printed (also ``summary.json``).
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,9 +24,9 @@ import afan
 from afan import distributed
 from afan.checkpoint import save_checkpoint
 from afan.cli import train_main
-from afan.rundir import RunDir, continue_run, perturbation_sizes, progress, training_state, write_summary
-from afan.runtime import autocast, grad_scaler, optimizer_step, resolve_precision, seed_everything
 from afan.loading import iteration_batches
+from afan.rundir import LogWindow, RunDir, continue_run, perturbation_sizes, progress, training_state, write_summary
+from afan.runtime import autocast, grad_scaler, optimizer_step, resolve_precision, seed_everything
 from Segmentation.config import OptimConfig, TrainConfig
 from Segmentation.data import build_datasets, collate
 from Segmentation.evaluation import run_evaluation
@@ -118,8 +117,7 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
                                 workers=cfg.data.workers, collate_fn=collate)
     quiet_eval = type(cfg.eval)(**{**vars(cfg.eval), "save_images": 0})
     model.train()
-    window: dict[str, float] = {}
-    count, tic = 0, time.perf_counter()
+    window = LogWindow()
     for iteration in progress(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc=cfg.mode,
                               disable=None if process.is_main else True):
         images, masks = next(batches)
@@ -136,18 +134,12 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
                   "train_pixel_acc": _pixel_accuracy(result.logits.detach(), masks),
                   **perturbation_sizes("se" if cfg.mode == "afan" else "pixel", result.perturbation),
                   **perturbation_sizes("sd", result.sd_perturbation)}
-        for k, v in values.items():
-            window[k] = window.get(k, 0.0) + v
-        count += 1
+        window.add(values)
         done = iteration + 1
         log_now = done % cfg.log_every == 0 or done == cfg.iterations
         eval_now = bool(cfg.eval_every) and (done % cfg.eval_every == 0 or done == cfg.iterations)
         if log_now or eval_now:
-            # Every process comes here at the same iterations: the means are over all of them.
-            sums = distributed.sum_over_processes(list(window.values()), device)
-            means = {k: v / (count * process.world_size) for k, v in zip(window, sums)}
-            seconds = (time.perf_counter() - tic) / count
-            window, count, tic = {}, 0, time.perf_counter()
+            means = window.close(process, device)  # every process comes here at the same iterations
         if not run_dir:
             continue  # the next step's gradient averaging waits for process 0
         scores = {}
@@ -158,7 +150,7 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
                 save_checkpoint({**checkpoint_payload(afan.strip_aux_bn(model)), "iteration": done, **scores},
                                 run_dir.best_checkpoint)
         if log_now or eval_now:
-            run_dir.metrics.log(iteration=done, lr=optimizer.param_groups[-1]["lr"], **means, sec_per_iter=seconds,
+            run_dir.metrics.log(iteration=done, lr=optimizer.param_groups[-1]["lr"], **means,
                                 **{f"val_{k}": v for k, v in scores.items()})
         if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
             save_checkpoint(training_state(checkpoint_payload(model), optimizer, scheduler, cfg, scaler=scaler,

@@ -11,12 +11,14 @@ import csv
 import json
 import math
 import shutil
+import time
 from pathlib import Path
 
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from afan.checkpoint import atomic_open, load_checkpoint
+from afan import distributed
 from afan.config import config_to_dict, save_config
 from afan.runtime import rng_state, set_rng_state
 
@@ -227,3 +229,28 @@ def perturbation_sizes(name: str, delta) -> dict:
         return {}
     flat = delta.detach().flatten(1)
     return {f"{name}_l2": flat.norm(dim=1).mean().item(), f"{name}_linf": flat.abs().max().item()}
+
+
+class LogWindow:
+    """The per-step values of the steps since the last log line, summed; ``close`` gives their
+    means over the steps and over all processes (every process must call it at the same step)
+    with the seconds per step, and starts a new window."""
+
+    def __init__(self):
+        self._start()
+
+    def _start(self):
+        self.sums: dict[str, float] = {}
+        self.count, self.tic = 0, time.perf_counter()
+
+    def add(self, values: dict) -> None:
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.count += 1
+
+    def close(self, process, device) -> dict:
+        totals = distributed.sum_over_processes(list(self.sums.values()), device)
+        means = {k: v / (self.count * process.world_size) for k, v in zip(self.sums, totals)}
+        means["sec_per_iter"] = (time.perf_counter() - self.tic) / self.count
+        self._start()
+        return means

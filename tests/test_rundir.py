@@ -6,7 +6,8 @@ import torch
 
 from afan.config import load_config
 from afan.checkpoint import save_checkpoint
-from afan.rundir import MetricsLog, RunDir, continue_run, perturbation_sizes, progress, training_state
+from afan.distributed import Process
+from afan.rundir import LogWindow, MetricsLog, RunDir, continue_run, perturbation_sizes, progress, training_state
 
 
 @dataclass
@@ -192,3 +193,13 @@ def test_continue_run_restores_the_state_and_trims_the_log(tmp_path, capsys):
     continue_run(run.path, None, other, torch.optim.SGD(other.parameters(), lr=0.1), fresh_scheduler,
                  position="iteration")
     assert torch.equal(other.weight, model.weight)
+
+
+def test_log_window_means_over_its_steps_then_starts_again():
+    window = LogWindow()
+    window.add({"loss": 1.0, "acc": 0.5})
+    window.add({"loss": 3.0, "acc": 1.0})
+    means = window.close(Process(), torch.device("cpu"))
+    assert means["loss"] == pytest.approx(2.0) and means["acc"] == pytest.approx(0.75) and means["sec_per_iter"] >= 0
+    window.add({"loss": 5.0})
+    assert window.close(Process(), torch.device("cpu"))["loss"] == pytest.approx(5.0)
