@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from afan import settings
-from afan.settings import check_nonnegative, check_strengths
+from afan.settings import RunSettings, check_nonnegative, check_strengths
 
 from Classification.data import DataConfig
 
@@ -62,19 +62,13 @@ class AdvPropConfig(settings.AdvPropConfig):
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(RunSettings):
     mode: Literal["base", "afan", "advprop"] = "base"
     model: str = "resnet56"
     epochs: int = 200
     batch_size: int = 128
-    seed: int = 0
-    deterministic: bool = False
-    device: str = "auto"
     # NHWC tensors: several times faster for these convolutions on CPU (oneDNN) and on GPU.
     channels_last: bool = True
-    # Mixed precision of the training passes; auto: bf16 (else fp16) on CUDA, fp32 on the CPU.
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    sync_bn: bool = False  # under torchrun on CUDA: BatchNorm statistics over the whole batch
     out: str = "runs/classification"
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

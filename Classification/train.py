@@ -19,15 +19,15 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DistributedSampler
-
 import afan
 from afan import distributed
 from afan.checkpoint import save_checkpoint
 from afan.cli import train_main
 from afan.config import ConfigError
+from afan.guard import TrainingGuard, guarded_step
+from afan.loading import iteration_batches
 from afan.rundir import RunDir, continue_run, progress, training_state, write_summary
-from afan.runtime import autocast, grad_scaler, optimizer_step, resolve_precision, seed_everything
+from afan.runtime import grad_scaler, resolve_precision, seed_everything
 from Classification.config import OptimConfig, TrainConfig
 from Classification.data import build_datasets, make_loader
 from Classification.evaluation import evaluate
@@ -78,35 +78,40 @@ def training_step(model, x, y, cfg: TrainConfig):
     return base_step(model, x, y)
 
 
-def train_one_epoch(model, run_step, loader, optimizer, scheduler, scaler, cfg: TrainConfig, device, epoch: int) -> dict:
-    """One epoch of ``run_step(x, y)`` steps; the logged sums are taken over all processes."""
+EPOCH_TOTALS = ("seen", "loss", "correct", "l2", "linf")  # what an epoch's log row is made of
+
+
+def train_one_epoch(model, run_step, batches, optimizer, scheduler, scaler, cfg: TrainConfig, device, epoch: int,
+                    guard: TrainingGuard, totals: dict, first: int, steps: int) -> int:
+    """Steps ``first`` to ``steps - 1`` of an epoch, adding this process's sums to ``totals``;
+    returns the number of steps done by its end, fewer when a signal asked the run to stop."""
     precision = resolve_precision(cfg.precision, device)
     model.train()
-    seen = correct = 0
-    loss_sum = l2_sum = linf_sum = 0.0
-    for x, y in progress(loader, desc=f"{cfg.mode} epoch {epoch}", leave=False):
+    for step in progress(range(first, steps), initial=first, total=steps, desc=f"{cfg.mode} epoch {epoch}",
+                         leave=False):
+        x, y = next(batches)
         x = x.to(device, memory_format=memory_format(cfg), non_blocking=True)
         y = y.to(device, non_blocking=True)
-        with autocast(precision, device):
-            result = run_step(x, y)
-        if not torch.isfinite(result.loss):
-            raise FloatingPointError(f"non-finite loss {result.loss.item()} at epoch {epoch}, "
-                                     f"iteration {scheduler.last_epoch}; lower optim.lr")
-        optimizer_step(result.loss, optimizer, scaler)
-        scheduler.step()
+        result = guarded_step(run_step, (x, y), guard, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                              precision=precision, device=device, where=f"epoch {epoch}, step {step + 1} of {steps}")
         n = y.numel()
-        seen += n
-        loss_sum += result.loss.item() * n
-        correct += (result.logits.argmax(1) == y).sum().item()
+        totals["seen"] += n
+        totals["loss"] += result.loss.item() * n
+        totals["correct"] += (result.logits.argmax(1) == y).sum().item()
         if result.perturbation is not None:
             delta = result.perturbation.flatten(1)
-            l2_sum += delta.norm(dim=1).sum().item()
-            linf_sum += delta.abs().amax(dim=1).sum().item()
-    seen, loss_sum, correct, l2_sum, linf_sum = distributed.sum_over_processes(
-        [seen, loss_sum, correct, l2_sum, linf_sum], device)
-    row = {"train_loss": loss_sum / seen, "train_acc": correct / seen}
+            totals["l2"] += delta.norm(dim=1).sum().item()
+            totals["linf"] += delta.abs().amax(dim=1).sum().item()
+        if guard.stop_requested:
+            return step + 1
+    return steps
+
+
+def epoch_row(totals: dict, cfg: TrainConfig) -> dict:
+    """The logged training means of an epoch from its sums (already added over processes)."""
+    row = {"train_loss": totals["loss"] / totals["seen"], "train_acc": totals["correct"] / totals["seen"]}
     if cfg.mode != "base":
-        row.update(pert_l2=l2_sum / seen, pert_linf=linf_sum / seen)
+        row.update(pert_l2=totals["l2"] / totals["seen"], pert_linf=totals["linf"] / totals["seen"])
     return row
 
 
@@ -121,52 +126,77 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
     # Data and model are checked before the run folder is made, so a bad setting leaves
     # nothing behind to --overwrite.
     splits = build_datasets(cfg.data, seed=cfg.seed)
+    steps_per_epoch = len(splits.train) // cfg.batch_size  # the last partial batch is dropped
+    if steps_per_epoch < 1:
+        raise ConfigError(f"batch_size={cfg.batch_size} is larger than the training split ({len(splits.train)} "
+                          "images); lower batch_size")
     model = build_model(cfg, splits.num_classes, device)
     run_step = distributed.step_runner(model, lambda m, x, y: training_step(m, x, y, cfg), process, device,
                                        sync_bn=cfg.sync_bn)
     # Only process 0 writes; the others read the checkpoint they resume from.
     run_dir = RunDir(cfg.out, resume=resume, overwrite=overwrite) if process.is_main else None
     loader_args = dict(workers=cfg.data.workers, seed=cfg.seed)
-    sampler = (DistributedSampler(splits.train, process.world_size, process.rank, shuffle=True, seed=cfg.seed,
-                                  drop_last=True) if process.distributed else None)
-    train_loader = make_loader(splits.train, distributed.local_batch_size(cfg.batch_size, process), train=True,
-                               sampler=sampler, drop_last=True if sampler else None, **loader_args)
     val_loader = make_loader(splits.val, cfg.batch_size, train=False, **loader_args)
 
-    optimizer, scheduler = make_optimizer(model, cfg, len(train_loader))
+    optimizer, scheduler = make_optimizer(model, cfg, steps_per_epoch)
     scaler = grad_scaler(resolve_precision(cfg.precision, device), device)
 
-    start_epoch, best_acc = 0, -1.0
+    start_epoch, best_acc, partial, skipped = 0, -1.0, None, 0
     if resume:
         state = continue_run(cfg.out, run_dir, model, optimizer, scheduler, position="epoch",
                              scaler=scaler)
-        start_epoch, best_acc = state["epoch"] + 1, state["best_val_acc"]
+        start_epoch, best_acc, skipped = state["epoch"] + 1, state["best_val_acc"], state.get("skipped_steps", 0)
+        partial = state.get("partial_epoch")
     if run_dir:
         run_dir.save_config(cfg)
 
-    for epoch in range(start_epoch, cfg.epochs):
-        tic = time.perf_counter()
-        # The data order of an epoch depends only on (seed, epoch), so a resumed run sees
-        # the same batches as an uninterrupted one.
-        if sampler:
-            sampler.set_epoch(epoch)
-        else:
-            train_loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
-        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-        row.update(train_one_epoch(model, run_step, train_loader, optimizer, scheduler, scaler, cfg, device, epoch))
-        if not run_dir:
-            continue  # the next step's gradient averaging waits for process 0 to finish below
-        row["val_acc"] = evaluate(model, val_loader, device, memory_format(cfg), desc="val")["top1"]
-        row["time"] = time.perf_counter() - tic
-        run_dir.metrics.log(**row)
-        if row["val_acc"] > best_acc:
-            best_acc = row["val_acc"]
-            best = checkpoint_payload(afan.strip_aux_bn(model))
-            save_checkpoint({**best, "epoch": epoch, "val_acc": best_acc}, run_dir.best_checkpoint)
-        save_checkpoint(training_state(checkpoint_payload(model), optimizer, scheduler, cfg, scaler=scaler,
-                                       epoch=epoch, best_val_acc=best_acc), run_dir.last_checkpoint)
-        print(f"epoch {epoch}: " + " ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"),
-              flush=True)
+    guard = TrainingGuard(process, device, on_nonfinite=cfg.on_nonfinite, last_checkpoint=Path(cfg.out) / RunDir.LAST,
+                          skipped=skipped)
+    with guard:
+        for epoch in range(start_epoch, cfg.epochs):
+            tic = time.perf_counter()
+            # An epoch's batches are the next part of one resumable shuffle, so a run resumed
+            # at any step sees the batches the uninterrupted run would have seen.
+            first, totals = 0, dict.fromkeys(EPOCH_TOTALS, 0.0)
+            if partial:  # a run stopped by a signal inside this epoch; process 0 holds the sums so far
+                first = partial["batch"]
+                if run_dir:
+                    totals = dict(partial["totals"])
+                partial = None
+            batches = iteration_batches(splits.train, cfg.batch_size, process, seed=cfg.seed,
+                                        start=epoch * len(splits.train) + first * cfg.batch_size,
+                                        workers=cfg.data.workers)
+            done = train_one_epoch(model, run_step, batches, optimizer, scheduler, scaler, cfg, device, epoch, guard,
+                                   totals, first, steps_per_epoch)
+            totals = dict(zip(EPOCH_TOTALS, distributed.sum_over_processes(list(totals.values()), device)))
+            if done < steps_per_epoch:  # stopped by a signal: save the position inside the epoch
+                if run_dir:
+                    save_checkpoint(training_state(checkpoint_payload(model), optimizer, scheduler, cfg, scaler=scaler,
+                                                   epoch=epoch - 1, best_val_acc=best_acc,
+                                                   partial_epoch={"batch": done, "totals": totals},
+                                                   **guard.counts(always=True)), run_dir.last_checkpoint)
+                guard.stop(f"step {done} of {steps_per_epoch} in epoch {epoch}")
+            if not run_dir:
+                if guard.stop_requested:
+                    guard.stop(f"epoch {epoch}")
+                continue  # the next step's gradient averaging waits for process 0 to finish below
+            # The rate the epoch started with (a resumed epoch did not start here).
+            lr = cfg.optim.lr * lr_factor(epoch * steps_per_epoch, steps_per_epoch, cfg.epochs, cfg.optim)
+            row = {"epoch": epoch, "lr": lr, **epoch_row(totals, cfg), **guard.counts()}
+            row["val_acc"] = evaluate(model, val_loader, device, memory_format(cfg), desc="val")["top1"]
+            row["time"] = time.perf_counter() - tic
+            run_dir.metrics.log(**row)
+            if row["val_acc"] > best_acc:
+                best_acc = row["val_acc"]
+                best = checkpoint_payload(afan.strip_aux_bn(model))
+                save_checkpoint({**best, "epoch": epoch, "val_acc": best_acc}, run_dir.best_checkpoint)
+            save_checkpoint(training_state(checkpoint_payload(model), optimizer, scheduler, cfg, scaler=scaler,
+                                           epoch=epoch, best_val_acc=best_acc, **guard.counts(always=True)),
+                            run_dir.last_checkpoint)
+            print(f"epoch {epoch}: " + " ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"),
+                  flush=True)
+            if guard.stop_requested:
+                guard.stop(f"epoch {epoch}")
     if not run_dir:
         return {}
     run_dir.metrics.plot(run_dir.file("curves.png"), x="epoch")
@@ -178,7 +208,7 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
     summary = {
         "mode": cfg.mode, "model": cfg.model, "data": cfg.data.name, "epochs": cfg.epochs,
         "best_val_acc": best_acc, "test_acc": test["top1"], "test_top5": test["top5"],
-        "sec_per_epoch": sum(r["time"] for r in rows) / len(rows), "out": str(run_dir.path),
+        "sec_per_epoch": sum(r["time"] for r in rows) / len(rows), **guard.counts(), "out": str(run_dir.path),
     }
     write_summary(run_dir, summary)
     return summary

@@ -26,10 +26,11 @@ import afan
 from afan import distributed
 from afan.checkpoint import save_checkpoint
 from afan.cli import train_main
+from afan.guard import TrainingGuard, guarded_step
 from afan.loading import iteration_batches
 from afan.rundir import LogWindow, RunDir, continue_run, perturbation_sizes, progress, training_state, write_summary
-from afan.runtime import autocast, grad_scaler, optimizer_step, resolve_precision, seed_everything
-from afan.settings import AdvPropConfig
+from afan.runtime import grad_scaler, resolve_precision, seed_everything
+from afan.settings import AdvPropConfig, RunSettings
 from Detection.config import AfanConfig, ModelConfig
 from Detection.data import DataConfig, build_datasets, collate
 from Detection.evaluation import run_evaluation
@@ -57,19 +58,13 @@ class OptimConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(RunSettings):
     mode: Literal["base", "afan", "advprop"] = "base"
     iterations: int = 11250
     batch_size: int = 8
     checkpoint_every: int = 1000
     log_every: int = 20
     draw_images: int = 4  # test images drawn with their predictions at the end
-    seed: int = 0
-    deterministic: bool = False
-    device: str = "auto"
-    # Mixed precision of the training passes; auto: bf16 (else fp16) on CUDA, fp32 on the CPU.
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    sync_bn: bool = False  # under torchrun on CUDA: BatchNorm statistics over the whole batch
     out: str = "runs/detection"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -137,43 +132,42 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
     precision = resolve_precision(cfg.precision, device)
     scaler = grad_scaler(precision, device)
 
-    start = 0
+    start, skipped = 0, 0
     if resume:
-        start = continue_run(cfg.out, run_dir, model, optimizer, scheduler, position="iteration",
-                             scaler=scaler)["iteration"]
+        state = continue_run(cfg.out, run_dir, model, optimizer, scheduler, position="iteration", scaler=scaler)
+        start, skipped = state["iteration"], state.get("skipped_steps", 0)
     if run_dir:
         run_dir.save_config(cfg)
 
     # The same endless shuffle continues after a resume; each process takes its part of every
     # global batch.
-    batches = iteration_batches(splits.train, cfg.batch_size, process, seed=cfg.seed, start_iteration=start,
+    batches = iteration_batches(splits.train, cfg.batch_size, process, seed=cfg.seed, start=start * cfg.batch_size,
                                 workers=cfg.data.workers, collate_fn=collate)
     model.train()
     window = LogWindow()
-    for iteration in progress(range(start, cfg.iterations), initial=start, total=cfg.iterations,
-                              desc=f"{cfg.mode}", disable=None if process.is_main else True):
-        images, targets = next(batches)
-        images = [image.to(device) for image in images]
-        targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-        with autocast(precision, device):
-            result = run_step(images, targets)
-        if not torch.isfinite(result.loss):
-            terms = ", ".join(f"{k} {v.item():.4g}" for k, v in result.losses.items())
-            raise FloatingPointError(f"non-finite loss at iteration {iteration} ({terms}); "
-                                     f"the last good state is {Path(cfg.out) / RunDir.LAST}; lower optim.lr")
-        optimizer_step(result.loss, optimizer, scaler)
-        scheduler.step()
-        values = {"loss": result.loss.item(), **{k: v.item() for k, v in result.losses.items()},
-                  **perturbation_sizes("se", result.se_perturbation), **perturbation_sizes("sd", result.sd_perturbation)}
-        window.add(values)
-        done = iteration + 1
-        if done % cfg.log_every == 0 or done == cfg.iterations:
-            means = window.close(process, device)  # every process comes here at the same iterations
-            if run_dir:
-                run_dir.metrics.log(iteration=done, lr=optimizer.param_groups[0]["lr"], **means)
-        if run_dir and (done % cfg.checkpoint_every == 0 or done == cfg.iterations):
-            save_checkpoint(training_state(checkpoint_payload(model), optimizer, scheduler, cfg, scaler=scaler, iteration=done),
-                            run_dir.last_checkpoint)
+    guard = TrainingGuard(process, device, on_nonfinite=cfg.on_nonfinite, last_checkpoint=Path(cfg.out) / RunDir.LAST,
+                          skipped=skipped)
+    with guard:
+        for iteration in progress(range(start, cfg.iterations), initial=start, total=cfg.iterations,
+                                  desc=f"{cfg.mode}", disable=None if process.is_main else True):
+            images, targets = next(batches)
+            images = [image.to(device) for image in images]
+            targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+            done = iteration + 1
+            result = guarded_step(run_step, (images, targets), guard, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                  precision=precision, device=device, where=f"iteration {done}")
+            window.add({"loss": result.loss.item(), **{k: v.item() for k, v in result.losses.items()},
+                        **perturbation_sizes("se", result.se_perturbation),
+                        **perturbation_sizes("sd", result.sd_perturbation)})
+            if done % cfg.log_every == 0 or done == cfg.iterations:
+                means = window.close(process, device)  # every process comes here at the same iterations
+                if run_dir:
+                    run_dir.metrics.log(iteration=done, lr=optimizer.param_groups[0]["lr"], **means, **guard.counts())
+            if run_dir and (done % cfg.checkpoint_every == 0 or done == cfg.iterations or guard.stop_requested):
+                save_checkpoint(training_state(checkpoint_payload(model), optimizer, scheduler, cfg, scaler=scaler,
+                                               iteration=done, **guard.counts(always=True)), run_dir.last_checkpoint)
+            if guard.stop_requested:
+                guard.stop(f"iteration {done}")
     if not run_dir:
         return {}
     if run_dir.metrics.rows():
@@ -186,7 +180,7 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
     summary = {"mode": cfg.mode, "model": cfg.model.name, "data": cfg.data.name,
                "iterations": cfg.iterations, **metrics,
                "sec_per_iter": sum(r["sec_per_iter"] for r in rows) / max(len(rows), 1),
-               "out": str(run_dir.path)}
+               **guard.counts(), "out": str(run_dir.path)}
     write_summary(run_dir, summary)
     return summary
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from afan.settings import AdvPropConfig, check_nonnegative, check_strengths
+from afan.settings import AdvPropConfig, RunSettings, check_nonnegative, check_strengths
 from Segmentation.data import DataConfig
 from Segmentation.models.deeplab import MODEL_NAMES, OUTPUT_STRIDES, SPLIT_POINTS
 
@@ -102,20 +102,14 @@ class EvalConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(RunSettings):
     mode: Literal["base", "afan", "advprop"] = "base"
     iterations: int = 30000
     batch_size: int = 4
     eval_every: int = 0  # also evaluate (and keep best.pth) every N iterations; 0: only at the end
     checkpoint_every: int = 1000
     log_every: int = 10
-    seed: int = 0
-    deterministic: bool = False
-    device: str = "auto"
     channels_last: bool = True  # NHWC tensors, faster convolutions with oneDNN (CPU) and cuDNN (GPU)
-    # Mixed precision of the training passes; auto: bf16 (else fp16) on CUDA, fp32 on the CPU.
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    sync_bn: bool = False  # under torchrun on CUDA: BatchNorm statistics over the whole batch
     out: str = "runs/segmentation"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

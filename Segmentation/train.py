@@ -24,9 +24,10 @@ import afan
 from afan import distributed
 from afan.checkpoint import save_checkpoint
 from afan.cli import train_main
+from afan.guard import TrainingGuard, guarded_step
 from afan.loading import iteration_batches
 from afan.rundir import LogWindow, RunDir, continue_run, perturbation_sizes, progress, training_state, write_summary
-from afan.runtime import autocast, grad_scaler, optimizer_step, resolve_precision, seed_everything
+from afan.runtime import grad_scaler, resolve_precision, seed_everything
 from Segmentation.config import OptimConfig, TrainConfig
 from Segmentation.data import build_datasets, collate
 from Segmentation.evaluation import run_evaluation
@@ -103,58 +104,57 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
     precision = resolve_precision(cfg.precision, device)
     scaler = grad_scaler(precision, device)
 
-    start, best = 0, -1.0
+    start, best, skipped = 0, -1.0, 0
     if resume:
         state = continue_run(cfg.out, run_dir, model, optimizer, scheduler, position="iteration",
                              scaler=scaler)
-        start, best = state["iteration"], state["best_miou"]
+        start, best, skipped = state["iteration"], state["best_miou"], state.get("skipped_steps", 0)
     if run_dir:
         run_dir.save_config(cfg)
 
     # The same endless shuffle continues after a resume; each process takes its part of every
     # global batch.
-    batches = iteration_batches(splits.train, cfg.batch_size, process, seed=cfg.seed, start_iteration=start,
+    batches = iteration_batches(splits.train, cfg.batch_size, process, seed=cfg.seed, start=start * cfg.batch_size,
                                 workers=cfg.data.workers, collate_fn=collate)
     quiet_eval = type(cfg.eval)(**{**vars(cfg.eval), "save_images": 0})
     model.train()
     window = LogWindow()
-    for iteration in progress(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc=cfg.mode,
-                              disable=None if process.is_main else True):
-        images, masks = next(batches)
-        images, masks = images.to(device, memory_format=memory_format(cfg)), masks.to(device)
-        with autocast(precision, device):
-            result = run_step(images, masks)
-        if not torch.isfinite(result.loss):
-            terms = ", ".join(f"{k} {v.item():.4g}" for k, v in result.losses.items())
-            raise FloatingPointError(f"non-finite loss at iteration {iteration} ({terms}); "
-                                     f"the last good state is {Path(cfg.out) / RunDir.LAST}; lower optim.lr")
-        optimizer_step(result.loss, optimizer, scaler)
-        scheduler.step()
-        values = {"loss": result.loss.item(), **{k: v.item() for k, v in result.losses.items()},
-                  "train_pixel_acc": _pixel_accuracy(result.logits.detach(), masks),
-                  **perturbation_sizes("se" if cfg.mode == "afan" else "pixel", result.perturbation),
-                  **perturbation_sizes("sd", result.sd_perturbation)}
-        window.add(values)
-        done = iteration + 1
-        log_now = done % cfg.log_every == 0 or done == cfg.iterations
-        eval_now = bool(cfg.eval_every) and (done % cfg.eval_every == 0 or done == cfg.iterations)
-        if log_now or eval_now:
-            means = window.close(process, device)  # every process comes here at the same iterations
-        if not run_dir:
-            continue  # the next step's gradient averaging waits for process 0
-        scores = {}
-        if eval_now:
-            scores = run_evaluation(model, splits, device, run_dir.path, quiet_eval, workers=cfg.data.workers)
-            if scores["miou"] > best:
-                best = scores["miou"]
-                save_checkpoint({**checkpoint_payload(afan.strip_aux_bn(model)), "iteration": done, **scores},
-                                run_dir.best_checkpoint)
-        if log_now or eval_now:
-            run_dir.metrics.log(iteration=done, lr=optimizer.param_groups[-1]["lr"], **means,
-                                **{f"val_{k}": v for k, v in scores.items()})
-        if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
-            save_checkpoint(training_state(checkpoint_payload(model), optimizer, scheduler, cfg, scaler=scaler,
-                                           iteration=done, best_miou=best), run_dir.last_checkpoint)
+    guard = TrainingGuard(process, device, on_nonfinite=cfg.on_nonfinite, last_checkpoint=Path(cfg.out) / RunDir.LAST,
+                          skipped=skipped)
+    with guard:
+        for iteration in progress(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc=cfg.mode,
+                                  disable=None if process.is_main else True):
+            images, masks = next(batches)
+            images, masks = images.to(device, memory_format=memory_format(cfg)), masks.to(device)
+            done = iteration + 1
+            result = guarded_step(run_step, (images, masks), guard, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                  precision=precision, device=device, where=f"iteration {done}")
+            window.add({"loss": result.loss.item(), **{k: v.item() for k, v in result.losses.items()},
+                        "train_pixel_acc": _pixel_accuracy(result.logits.detach(), masks),
+                        **perturbation_sizes("se" if cfg.mode == "afan" else "pixel", result.perturbation),
+                        **perturbation_sizes("sd", result.sd_perturbation)})
+            log_now = done % cfg.log_every == 0 or done == cfg.iterations
+            eval_now = bool(cfg.eval_every) and (done % cfg.eval_every == 0 or done == cfg.iterations)
+            if log_now or eval_now:
+                means = window.close(process, device)  # every process comes here at the same iterations
+            if run_dir:
+                scores = {}
+                if eval_now:
+                    scores = run_evaluation(model, splits, device, run_dir.path, quiet_eval, workers=cfg.data.workers)
+                    if scores["miou"] > best:
+                        best = scores["miou"]
+                        save_checkpoint({**checkpoint_payload(afan.strip_aux_bn(model)), "iteration": done, **scores},
+                                        run_dir.best_checkpoint)
+                if log_now or eval_now:
+                    run_dir.metrics.log(iteration=done, lr=optimizer.param_groups[-1]["lr"], **means,
+                                        **{f"val_{k}": v for k, v in scores.items()}, **guard.counts())
+                if done % cfg.checkpoint_every == 0 or done == cfg.iterations or guard.stop_requested:
+                    save_checkpoint(training_state(checkpoint_payload(model), optimizer, scheduler, cfg,
+                                                   scaler=scaler, iteration=done, best_miou=best,
+                                                   **guard.counts(always=True)), run_dir.last_checkpoint)
+            # The other processes' next step (its gradient averaging) waits for process 0 here.
+            if guard.stop_requested:
+                guard.stop(f"iteration {done}")
     if not run_dir:
         return {}
     if run_dir.metrics.rows():
@@ -167,7 +167,7 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
     times = [r["sec_per_iter"] for r in rows if r.get("sec_per_iter") is not None]
     summary = {"mode": cfg.mode, "model": cfg.model.name, "data": cfg.data.name, "iterations": cfg.iterations,
                **metrics, "best_miou": max(best, metrics["miou"]),
-               "sec_per_iter": sum(times) / max(len(times), 1), "out": str(run_dir.path)}
+               "sec_per_iter": sum(times) / max(len(times), 1), **guard.counts(), "out": str(run_dir.path)}
     write_summary(run_dir, summary)
     return summary
 

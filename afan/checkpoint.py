@@ -23,6 +23,9 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be loaded; the message names the file and the reason."""
 
 
+PARTIAL_MARK = ".tmp-"  # in the names of files being written; see remove_partial_writes
+
+
 @contextlib.contextmanager
 def atomic_open(path, mode: str = "wb", **open_kwargs):
     """Open a temporary file that replaces ``path`` only when the ``with`` block succeeds.
@@ -34,7 +37,7 @@ def atomic_open(path, mode: str = "wb", **open_kwargs):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Same folder, so os.replace is a rename on one file system and therefore atomic.
-    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    temporary = path.with_name(f"{path.name}{PARTIAL_MARK}{os.getpid()}")
     try:
         with open(temporary, mode, **open_kwargs) as file:
             yield file
@@ -46,6 +49,15 @@ def atomic_open(path, mode: str = "wb", **open_kwargs):
             os.unlink(temporary)
         raise
     _fsync_folder(path.parent)
+
+
+def remove_partial_writes(folder) -> list[Path]:
+    """Delete the temporary files that a process killed while writing (SIGKILL, power cut)
+    left in ``folder``; the files they were meant to replace are intact. Returns them."""
+    leftovers = [p for p in Path(folder).glob(f"*{PARTIAL_MARK}*") if p.is_file()]
+    for leftover in leftovers:
+        leftover.unlink()
+    return leftovers
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -81,27 +93,35 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        needed = re.search(r"GLOBAL (\S+) was not an allowed global", str(error))
-        detail = f" (it asks for {needed.group(1)})" if needed else ""
+        # torch names the import it refused as "GLOBAL module.name" (wording varies by version).
+        needed = re.search(r"GLOBAL (\S+)", str(error))
+        if needed is None:  # not a refused import: bytes that are no pickle at all
+            raise _unreadable(path, error) from error
         raise CheckpointError(
             f"refused to load checkpoint {path}: it holds more than tensors and plain Python "
-            f"values, and unpickling it would execute code from the file{detail}. It was not "
+            f"values, and unpickling it would execute code from the file (it asks for {needed.group(1)}). It was not "
             "loaded. Use only checkpoints from sources you trust; re-save a trusted one as "
             "plain state_dicts to load it here."
         ) from None
     # torch reports damaged files in many ways (RuntimeError from the zip reader, EOFError,
     # KeyError for text files, ...), so anything it raises here means "cannot read this file".
     except Exception as error:
-        raise CheckpointError(
-            f"cannot load checkpoint {path}: the file may be truncated, corrupt or not a "
-            f"PyTorch checkpoint ({type(error).__name__}: {error})"
-        ) from error
+        raise _unreadable(path, error) from error
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(
             f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict; "
             "save checkpoints as dicts, e.g. {'model': model.state_dict(), 'epoch': epoch}"
         )
     return checkpoint
+
+
+def _unreadable(path, error) -> CheckpointError:
+    # torch's own text for bytes that are no pickle is a long advice about weights_only that
+    # does not apply here.
+    reason = ("no pickle data PyTorch can read" if isinstance(error, pickle.UnpicklingError)
+              else f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}")
+    return CheckpointError(f"cannot load checkpoint {path}: the file may be truncated, corrupt or not a "
+                           f"PyTorch checkpoint ({reason})")
 
 
 def key_mismatches(expected: Mapping, state: Mapping, *, optional: Callable[[str], bool] = lambda key: False,

@@ -1,5 +1,7 @@
 """The command line every task's ``train.py`` shares: config, ``--resume``, ``--overwrite``,
-and one clear message (exit status 2) for bad input."""
+and how a run ends other than by finishing: one clear message with exit status 2 for bad
+input, 1 for a non-finite loss, and 128 + the signal's number (130 for Ctrl-C, 143 for
+SIGTERM) after a polite stop, with the command that resumes."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +9,9 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from afan.checkpoint import CheckpointError
 from afan.config import ConfigError, add_config_arguments, load_config
+from afan.guard import NonFiniteLoss, StopRequested
 from afan.loading import DataError
 from afan.rundir import RunDir
 
@@ -39,7 +43,13 @@ def train_main(argv, *, config_cls, run: Callable, description: str, module: str
         print(f"error: {error}\nTo train on the built-in data instead: python -m {module} --config {shapes}",
               file=sys.stderr)
         return 2
-    except (ConfigError, FileExistsError, FileNotFoundError) as error:
+    except (ConfigError, CheckpointError, FileExistsError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except NonFiniteLoss as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except StopRequested as stop:
+        print(f"{stop}\nTo continue: python -m {module} --resume out={cfg.out}", file=sys.stderr)
+        return 128 + stop.signum
     return 0

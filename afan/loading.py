@@ -76,13 +76,16 @@ def make_loader(
     )
 
 
-def iteration_batches(dataset: Dataset, batch_size: int, process: Process, *, seed: int, start_iteration: int,
+def iteration_batches(dataset: Dataset, batch_size: int, process: Process, *, seed: int, start: int,
                       workers: int, collate_fn: Optional[Callable] = None):
-    """Endless training batches for iteration-based training, continuing after
-    ``start_iteration`` iterations of ``batch_size`` (the global batch). Under torchrun each
-    process gets its ``batch_size / world_size`` part of every global batch."""
+    """Endless training batches of ``batch_size`` (the global batch) from the resumable shuffle
+    of ``dataset``, continuing after ``start`` samples consumed (a resumed run passes its
+    position, so it sees the batches the uninterrupted run would have seen). Under torchrun
+    each process gets its ``batch_size / world_size`` part of every global batch."""
     local_batch = local_batch_size(batch_size, process)
-    sampler = ResumableSampler(len(dataset), seed, start=start_iteration * batch_size, rank=process.rank,
+    sampler = ResumableSampler(len(dataset), seed, start=start, rank=process.rank,
                                world_size=process.world_size, local_batch=local_batch)
-    return iter(make_loader(dataset, local_batch, train=True, workers=workers, seed=seed, sampler=sampler,
-                            drop_last=True, collate_fn=collate_fn))
+    # The loader's seed only decides the workers' augmentation streams; it follows the
+    # position so that they differ from one epoch (or resume) to the next.
+    return iter(make_loader(dataset, local_batch, train=True, workers=workers, seed=seed * 1_000_003 + start,
+                            sampler=sampler, drop_last=True, collate_fn=collate_fn))

@@ -17,9 +17,9 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from afan.checkpoint import atomic_open, load_checkpoint
+from afan.checkpoint import CheckpointError, atomic_open, key_mismatches, load_checkpoint, remove_partial_writes
 from afan import distributed
-from afan.config import config_to_dict, save_config
+from afan.config import ConfigError, config_to_dict, save_config
 from afan.runtime import rng_state, set_rng_state
 
 CONFIG_NAME = "config.yaml"
@@ -32,7 +32,7 @@ class RunDir:
 
     def __init__(self, path, *, resume: bool = False, overwrite: bool = False):
         if resume and overwrite:
-            raise ValueError("--resume and --overwrite contradict each other; pass only one")
+            raise ConfigError("--resume and --overwrite contradict each other; pass only one")
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
             raise FileExistsError(f"{self.path} is a file, not a run folder; choose another output folder")
@@ -57,6 +57,10 @@ class RunDir:
                 )
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
+        if resume:
+            for leftover in remove_partial_writes(self.path):
+                print(f"removed {leftover}, a checkpoint whose writing was cut off; its previous "
+                      "version is intact", flush=True)
         self.metrics = MetricsLog(self.path / "metrics.csv")
 
     def file(self, name: str) -> Path:
@@ -196,7 +200,7 @@ def training_state(payload: dict, optimizer, scheduler, cfg, *, scaler=None, **p
 
 def restore_training_state(state: dict, model, optimizer, scheduler, scaler=None) -> None:
     """Put a ``training_state`` back into fresh model, optimizer, scheduler, scaler and RNGs."""
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state["model"])  # continue_run has checked that it fits
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and "scaler" in state:
@@ -208,7 +212,16 @@ def continue_run(out, run_dir, model, optimizer, scheduler, *, position: str, sc
     """Restore ``out/last.pth`` into model, optimizer, scheduler and RNGs (on every process)
     and return it; ``run_dir`` (process 0 only, else None) drops the logged rows after the
     checkpoint's ``position`` (e.g. ``"epoch"``, ``"iteration"``)."""
-    state = load_checkpoint(Path(out) / RunDir.LAST)
+    path = Path(out) / RunDir.LAST
+    if not path.is_file():
+        raise CheckpointError(f"cannot resume {out}: it has no {RunDir.LAST} (the run stopped before its first "
+                              "checkpoint); start it again with --overwrite")
+    state = load_checkpoint(path)
+    problems = key_mismatches(model.state_dict(), state.get("model", {}))
+    if problems:
+        raise CheckpointError(f"{path} does not fit the model this run builds: {'; '.join(problems)}. "
+                              "Were the data (its class count), the model or the mode changed since the run "
+                              "started? Resume with the settings it was started with")
     restore_training_state(state, model, optimizer, scheduler, scaler)
     if run_dir:
         run_dir.metrics.truncate_after(position, state[position])

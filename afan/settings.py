@@ -1,8 +1,9 @@
-"""Checks and sections that the configs of every task share: the A-FAN settings' ranges and
-the AdvProp (pixel PGD) section."""
+"""Checks and sections that the configs of every task share: the run settings, the A-FAN
+settings' ranges and the AdvProp (pixel PGD) section."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from afan.norm import check_mask
 
@@ -24,6 +25,21 @@ def check_strengths(section, prefix: str = "afan") -> None:
     w = getattr(section, "w", None)
     if w is not None and not 0 <= w <= 1:
         raise ValueError(f"{prefix}.w must be in [0, 1], got {w}")
+
+
+@dataclass
+class RunSettings:
+    """How any task's run executes; each task's ``TrainConfig`` starts with these fields."""
+
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"
+    # Mixed precision of the training passes; auto: bf16 (else fp16) on CUDA, fp32 on the CPU.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    sync_bn: bool = False  # under torchrun on CUDA: BatchNorm statistics over the whole batch
+    # A NaN or infinite loss: "stop" (the last checkpoint is kept) or "skip" the step's update
+    # and count it (``skipped_steps`` in the log and summary).
+    on_nonfinite: Literal["stop", "skip"] = "stop"
 
 
 @dataclass

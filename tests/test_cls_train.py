@@ -71,32 +71,6 @@ def test_afan_loss_is_the_mean_of_clean_and_adversarial_losses(aux_bn, n, mask):
     assert (result.perturbation.abs() <= 2 * 2.0 / 255 + 1e-6).all()
 
 
-def test_resume_after_stopping_equals_an_uninterrupted_run(tmp_path, monkeypatch):
-    settings = [*TINY, "mode=afan", "epochs=2", "deterministic=true", "afan.steps=1"]
-    main = cls_train.main
-    assert main([*settings, f"out={tmp_path / 'whole'}"]) == 0
-
-    real_epoch = cls_train.train_one_epoch
-
-    def stop_in_second_epoch(*args, **kwargs):
-        if args[-1] == 1:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(cls_train, "train_one_epoch", stop_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        main([*settings, f"out={tmp_path / 'cut'}"])
-    monkeypatch.setattr(cls_train, "train_one_epoch", real_epoch)
-    assert main(["--resume", f"out={tmp_path / 'cut'}"]) == 0
-
-    whole, cut = (load_checkpoint(tmp_path / name / "last.pth") for name in ("whole", "cut"))
-    assert whole["model"].keys() == cut["model"].keys()
-    for key, value in whole["model"].items():
-        assert torch.equal(value, cut["model"][key]), key
-    rows = afan.rundir.MetricsLog(tmp_path / "cut" / "metrics.csv").rows()
-    assert [r["epoch"] for r in rows] == [0, 1]
-
-
 def test_test_script_reproduces_the_logged_accuracy(tmp_path, capsys):
     summary = cls_train.run(tiny_config(tmp_path, "epochs=2"))
     capsys.readouterr()

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from afan.config import load_config
+from afan.config import ConfigError, load_config
 from afan.checkpoint import save_checkpoint
 from afan.distributed import Process
 from afan.rundir import LogWindow, MetricsLog, RunDir, continue_run, perturbation_sizes, progress, training_state
@@ -80,7 +80,7 @@ def test_resume_needs_an_existing_run(tmp_path):
 
 
 def test_resume_and_overwrite_together_refused(tmp_path):
-    with pytest.raises(ValueError, match="--resume and --overwrite"):
+    with pytest.raises(ConfigError, match="--resume and --overwrite"):
         RunDir(tmp_path, resume=True, overwrite=True)
 
 

@@ -1,0 +1,183 @@
+"""Every kind of bad input to the command lines, as a table: one clear message on stderr naming
+the problem (and the file, where there is one), a non-zero exit status, and the existing run
+folder with its checkpoints left exactly as it was."""
+import io
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from Classification import test as cls_test
+from Classification import train as cls_train
+from Detection import test as det_test
+from Detection import train as det_train
+from Segmentation import test as seg_test
+
+TINY = ["model=resnet20", "data.name=shapes", "data.train_size=32", "data.val_size=16", "data.test_size=16",
+        "data.workers=0", "batch_size=16", "device=cpu", "mode=afan", "epochs=1", "afan.steps=1"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A finished tiny classification run to point bad input at."""
+    out = tmp_path_factory.mktemp("existing") / "run"
+    assert cls_train.main([*TINY, f"out={out}"]) == 0
+    return out
+
+
+def _image_folder(root: Path, classes, corrupt: bool = False) -> Path:
+    """An ImageNet-style folder (train/ and val/, one sub-folder per class) of tiny JPEGs."""
+    for split in ("train", "val"):
+        for name in classes:
+            (root / split / name).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (8, 8), (40 * i, 80, 120)).save(root / split / name / f"{i}.JPEG")
+    if corrupt:
+        (root / "train" / classes[0] / "0.JPEG").write_bytes(b"\xff\xd8\xff not really a JPEG")
+    return root
+
+
+class _RunsCode:
+    """Unpickling this calls ``os.system``: what a booby-trapped checkpoint would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _booby_trapped(marker: Path) -> bytes:
+    """A checkpoint whose loading with plain pickle would create ``marker``."""
+    buffer = io.BytesIO()
+    torch.save({"model": {}, "epoch": 0, "payload": _RunsCode(marker)}, buffer)
+    return buffer.getvalue()
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _damaged_copy(run: Path, tmp_path: Path, content: bytes = None) -> Path:
+    """A copy of the run whose last.pth is cut in half (or replaced by ``content``)."""
+    copy = tmp_path / "damaged"
+    copy.mkdir()
+    for name, data in _snapshot(run).items():
+        (copy / name).parent.mkdir(parents=True, exist_ok=True)
+        (copy / name).write_bytes(data)
+    last = copy / "last.pth"
+    last.write_bytes(content if content is not None else last.read_bytes()[: last.stat().st_size // 2])
+    return copy
+
+
+# (id, how to build the arguments from (run folder, tmp_path), what the message must contain)
+CASES = [
+    ("unknown key", lambda r, t: ["--resume", f"out={r}", "epochz=3"], ["epochz", "epochs"]),
+    ("misspelled section key", lambda r, t: ["--resume", f"out={r}", "afan.stepz=2"], ["afan.stepz", "afan.steps"]),
+    ("wrong type", lambda r, t: ["--resume", f"out={r}", "epochs=three"], ["epochs", "three"]),
+    ("negative steps", lambda r, t: ["--resume", f"out={r}", "afan.steps=-1"], ["afan.steps must be >= 0"]),
+    ("negative eps", lambda r, t: ["--resume", f"out={r}", "afan.eps=-2"], ["afan.eps must be >= 0"]),
+    ("negative gamma", lambda r, t: ["--resume", f"out={r}", "afan.gamma=-0.5"], ["afan.gamma must be >= 0"]),
+    ("mask not of length n", lambda r, t: ["--resume", f"out={r}", "afan.n=3"], ["afan.mask", "3"]),
+    ("split layer the model lacks", lambda r, t: ["--resume", f"out={r}", "afan.layer=layer9"],
+     ["afan.layer='layer9'", "resnet20"]),
+    ("missing data folder", lambda r, t: ["--resume", f"out={r}", "data.name=cifar10", f"data.root={t / 'none'}"],
+     ["CIFAR-10 not found", "data.download=true"]),
+    ("wrong data layout", lambda r, t: ["--resume", f"out={r}", "data.name=imagenet", f"data.root={t}"],
+     ["train does not exist", "Expected layout"]),
+    ("class count of data and checkpoint differ",
+     lambda r, t: ["--resume", f"out={r}", "data.name=imagenet", f"data.root={_image_folder(t / 'in', ['a', 'b'])}",
+                   "data.image_size=8", "batch_size=4"],
+     ["last.pth does not fit", "fc.weight (file (6, 64), model (2, 64))", "class count"]),
+    ("existing run without --resume", lambda r, t: [*TINY, f"out={r}"], ["already exists", "--resume", "--overwrite"]),
+    ("--resume with --overwrite", lambda r, t: ["--resume", "--overwrite", f"out={r}"], ["contradict"]),
+]
+
+
+@pytest.mark.parametrize("make_args, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_training_input_gets_one_message_and_changes_nothing(run, tmp_path, capsys, make_args, expected):
+    before = _snapshot(run)
+    capsys.readouterr()
+    assert cls_train.main(make_args(run, tmp_path)) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and "Traceback" not in error
+    for text in expected:
+        assert text in error
+    assert _snapshot(run) == before
+
+
+@pytest.mark.parametrize("content, expected", [
+    (None, "the file may be truncated"),  # cut in half
+    (b"not a checkpoint at all", "not a PyTorch checkpoint"),
+    ("booby-trapped", "would execute code from the file (it asks for posix.system)"),
+])
+def test_a_damaged_last_checkpoint_is_named_and_kept(run, tmp_path, capsys, content, expected):
+    marker = tmp_path / "code-ran"
+    if content == "booby-trapped":
+        content = _booby_trapped(marker)
+    damaged = _damaged_copy(run, tmp_path, content)
+    before = _snapshot(damaged)
+    assert cls_train.main(["--resume", f"out={damaged}"]) == 2
+    error = capsys.readouterr().err
+    assert f"{damaged / 'last.pth'}" in error and expected in error
+    assert _snapshot(damaged) == before
+    assert not marker.exists()
+
+
+def test_a_corrupt_image_is_named(tmp_path, capsys):
+    root = _image_folder(tmp_path / "in", ["a", "b"], corrupt=True)
+    settings = ["model=resnet20", "data.name=imagenet", f"data.root={root}", "data.image_size=8", "data.workers=0",
+                "batch_size=4", "device=cpu", "epochs=1", f"out={tmp_path / 'run'}"]
+    assert cls_train.main(settings) == 2
+    error = capsys.readouterr().err
+    assert f"cannot read image {root / 'train' / 'a' / '0.JPEG'}" in error and "replace this file" in error
+
+
+def test_a_malformed_annotation_file_is_named(tmp_path, capsys):
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    (root / "train2017").mkdir()
+    (root / "val2017").mkdir()
+    bad = root / "annotations" / "instances_train2017.json"
+    bad.write_text('{"images": [')
+    (root / "annotations" / "instances_val2017.json").write_text('{"images": [')
+    assert det_train.main(["data.name=coco", f"data.root={root}", "device=cpu", f"out={tmp_path / 'run'}"]) == 2
+    error = capsys.readouterr().err
+    assert f"the annotation file {bad} is not valid JSON" in error
+    assert not (tmp_path / "run").exists()
+
+
+def test_detection_settings_out_of_range(tmp_path, capsys):
+    for setting, text in [("afan.se_layer=layer7", "afan.se_layer"), ("afan.n=2", "afan.mask"),
+                          ("afan.gamma_sd=-1", "afan.gamma_sd must be >= 0")]:
+        assert det_train.main(["--config", "Detection/configs/shapes_afan.yaml", setting,
+                               f"out={tmp_path / 'run'}"]) == 2
+        assert text in capsys.readouterr().err
+        assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("tester", [cls_test, det_test, seg_test], ids=["classification", "detection", "segmentation"])
+@pytest.mark.parametrize("kind", ["truncated", "not a checkpoint", "another architecture", "booby-trapped"])
+def test_every_test_script_names_a_bad_checkpoint_file(run, tmp_path, capsys, tester, kind):
+    path = tmp_path / "model.pth"
+    if kind == "truncated":
+        data = (run / "best.pth").read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "not a checkpoint":
+        path.write_text("weights: none\n")
+    elif kind == "another architecture":  # a plain state dict of a small conv net, for every task's model
+        torch.save({"conv.weight": torch.zeros(4, 3, 3, 3), "head.weight": torch.zeros(2, 4)}, path)
+    else:
+        path.write_bytes(_booby_trapped(tmp_path / "code-ran"))
+    model = {cls_test: "resnet56", det_test: "fasterrcnn_resnet18_fpn", seg_test: "deeplabv3plus_mobilenet"}[tester]
+    assert tester.main(["--checkpoint", str(path), "--model", model, "--device", "cpu", "data.name=shapes"]) == 2
+    error = capsys.readouterr().err
+    assert str(path) in error and "Traceback" not in error
+    expected = {"truncated": "truncated", "not a checkpoint": "not a PyTorch checkpoint",
+                "another architecture": "missing keys", "booby-trapped": "would execute code"}[kind]
+    assert expected in error
+    if kind == "another architecture":
+        assert "unexpected keys (2): conv.weight, head.weight" in error
+    assert not (tmp_path / "code-ran").exists()
