@@ -27,7 +27,7 @@ from afan.config import ConfigError
 from afan.guard import TrainingGuard, guarded_step
 from afan.loading import iteration_batches
 from afan.rundir import RunDir, continue_run, progress, training_state, write_summary
-from afan.runtime import grad_scaler, resolve_precision, seed_everything
+from afan.runtime import compile_parts, grad_scaler, resolve_precision, seed_everything
 from Classification.config import OptimConfig, TrainConfig
 from Classification.data import build_datasets, make_loader
 from Classification.evaluation import evaluate
@@ -58,7 +58,9 @@ def build_model(cfg: TrainConfig, num_classes: int, device) -> torch.nn.Module:
         afan.convert_aux_bn(model, after=cfg.afan.layer)
     elif cfg.mode == "advprop":
         afan.convert_aux_bn(model)
-    return model.to(device, memory_format=memory_format(cfg))
+    model = model.to(device, memory_format=memory_format(cfg))
+    compile_parts(model.parts_to_compile(), cfg.compile, device)
+    return model
 
 
 def make_optimizer(model, cfg: TrainConfig, iters_per_epoch: int):

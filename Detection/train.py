@@ -29,7 +29,7 @@ from afan.cli import train_main
 from afan.guard import TrainingGuard, guarded_step
 from afan.loading import iteration_batches
 from afan.rundir import LogWindow, RunDir, continue_run, perturbation_sizes, progress, training_state, write_summary
-from afan.runtime import grad_scaler, resolve_precision, seed_everything
+from afan.runtime import compile_parts, grad_scaler, resolve_precision, seed_everything
 from afan.settings import AdvPropConfig, RunSettings
 from Detection.config import AfanConfig, ModelConfig
 from Detection.data import DataConfig, build_datasets, collate
@@ -98,7 +98,9 @@ def build_model(cfg: TrainConfig, num_classes: int, device) -> torch.nn.Module:
         afan.convert_aux_bn(model, after=f"backbone.body.{cfg.afan.se_layer}")
     elif cfg.mode == "advprop":
         afan.convert_aux_bn(model)
-    return model.to(device)
+    model = model.to(device)
+    compile_parts(model.parts_to_compile(), cfg.compile, device)
+    return model
 
 
 def training_step(model, images, targets, cfg: TrainConfig):

@@ -27,7 +27,7 @@ from afan.cli import train_main
 from afan.guard import TrainingGuard, guarded_step
 from afan.loading import iteration_batches
 from afan.rundir import LogWindow, RunDir, continue_run, perturbation_sizes, progress, training_state, write_summary
-from afan.runtime import grad_scaler, resolve_precision, seed_everything
+from afan.runtime import compile_parts, grad_scaler, resolve_precision, seed_everything
 from Segmentation.config import OptimConfig, TrainConfig
 from Segmentation.data import build_datasets, collate
 from Segmentation.evaluation import run_evaluation
@@ -58,7 +58,9 @@ def build_model(cfg: TrainConfig, num_classes: int, device) -> torch.nn.Module:
                             example_input=torch.rand(2, 3, TRACE_SIZE, TRACE_SIZE))
     elif cfg.mode == "advprop":
         afan.convert_aux_bn(model)
-    return model.to(device, memory_format=memory_format(cfg))
+    model = model.to(device, memory_format=memory_format(cfg))
+    compile_parts(model.parts_to_compile(), cfg.compile, device)
+    return model
 
 
 def make_optimizer(model, cfg: OptimConfig) -> torch.optim.Optimizer:

@@ -1,4 +1,5 @@
-"""Device choice, random seeding (restorable for an exact resume) and mixed precision."""
+"""Device choice, random seeding (restorable for an exact resume), mixed precision and
+``torch.compile``."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 import os
 import random
 import re
+import shutil
 
 import numpy as np
 import torch
@@ -139,3 +141,43 @@ def optimizer_step(loss: torch.Tensor, optimizer, scaler: torch.amp.GradScaler) 
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
+
+
+COMPILE_BACKENDS = ("off", "inductor", "eager")
+
+
+def compile_parts(parts, backend: str, device: torch.device) -> str:
+    """``torch.compile`` each module of ``parts`` in place, with ``backend``; returns the backend
+    that took effect ("off" when it cannot run here, said in one printed line).
+
+    A-FAN runs a model's stages one by one (head, tail, attacks) rather than its ``forward``,
+    so the stages are what gets compiled; compiling in place keeps the state-dict keys, hence
+    the checkpoints, unchanged. ``inductor`` generates kernels (C++ on the CPU, Triton on
+    CUDA); ``eager`` only captures graphs, a quick check that a model compiles. A part that
+    fails to compile later runs eagerly, with PyTorch's warning, instead of stopping the run.
+    """
+    if backend not in COMPILE_BACKENDS:
+        raise ValueError(f"compile={backend!r} is not valid; choose one of {', '.join(COMPILE_BACKENDS)}")
+    if backend == "off":
+        return backend
+    if backend == "inductor":
+        missing = _inductor_missing(device)
+        if missing:
+            print(f"compile=inductor needs {missing}; training without torch.compile", flush=True)
+            return "off"
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True  # the fallback above: eager where compiling fails
+    for part in parts:
+        part.compile(backend=backend)
+    return backend
+
+
+def _inductor_missing(device: torch.device) -> str:
+    """What inductor lacks on ``device`` ("" when nothing)."""
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        return "" if has_triton() else "Triton (pip install triton)"
+    compilers = [os.environ.get("CXX", ""), "g++", "c++", "clang++"]
+    return "" if any(name and shutil.which(name) for name in compilers) else "a C++ compiler (set CXX or install g++)"

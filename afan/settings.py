@@ -37,6 +37,9 @@ class RunSettings:
     # Mixed precision of the training passes; auto: bf16 (else fp16) on CUDA, fp32 on the CPU.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     sync_bn: bool = False  # under torchrun on CUDA: BatchNorm statistics over the whole batch
+    # torch.compile of the model's stages: off, inductor (generated kernels) or eager (graph
+    # capture only, a check); see afan.runtime.compile_parts.
+    compile: Literal["off", "inductor", "eager"] = "off"
     # A NaN or infinite loss: "stop" (the last checkpoint is kept) or "skip" the step's update
     # and count it (``skipped_steps`` in the log and summary).
     on_nonfinite: Literal["stop", "skip"] = "stop"

@@ -51,3 +51,7 @@ class SplitModel:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._run(self.stages(), x)
+
+    def parts_to_compile(self) -> list:
+        """The stage modules, which head and tail call (for ``afan.runtime.compile_parts``)."""
+        return [stage for _, stage in self.stages() if isinstance(stage, torch.nn.Module)]

@@ -68,6 +68,13 @@ class DetectionModel(FasterRCNN):
         self.num_classes = num_classes
         self.model_kwargs = model_kwargs  # what create_model was given, for checkpoints
 
+    def parts_to_compile(self) -> list:
+        """The backbone stages, FPN, RPN head and box head and predictor: the convolution and
+        linear work of the parts A-FAN calls (``Detection.models.parts``); anchors, NMS and
+        RoI pooling stay eager (for ``afan.runtime.compile_parts``)."""
+        return [*self.backbone.body.children(), self.backbone.fpn, self.rpn.head, self.roi_heads.box_head,
+                self.roi_heads.box_predictor]
+
 
 def create_model(name: str, num_classes: int, *, min_size: int = 800, max_size: int = 1333,
                  anchor_sizes: AnchorSizes = DEFAULT_ANCHOR_SIZES, trainable_layers: int = 3,

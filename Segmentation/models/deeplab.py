@@ -203,6 +203,12 @@ class DeepLabV3Plus(nn.Module):
             low_level = feature
         return self.decode(self.encode(feature, at), low_level, size)
 
+    def parts_to_compile(self) -> list[nn.Module]:
+        """The backbone blocks, the ASPP and the decoder's layers, which head, encode and
+        decode call (for ``afan.runtime.compile_parts``)."""
+        head = self.classifier
+        return [self.backbone.get_submodule(b) for b in self._blocks] + [head.aspp, head.project, head.classifier]
+
     def forward(self, images: Tensor) -> Tensor:
         out, low_level = self._run(self.normalize(images), 0, len(self._blocks))
         return self.decode(self.classifier.aspp(out), low_level, images.shape[-2:])
