@@ -65,6 +65,7 @@ class TrainConfig(RunSettings):
     checkpoint_every: int = 1000
     log_every: int = 20
     draw_images: int = 4  # test images drawn with their predictions at the end
+    channels_last: bool = True  # NHWC weights and features, faster convolutions with cuDNN and oneDNN
     out: str = "runs/detection"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -98,7 +99,9 @@ def build_model(cfg: TrainConfig, num_classes: int, device) -> torch.nn.Module:
         afan.convert_aux_bn(model, after=f"backbone.body.{cfg.afan.se_layer}")
     elif cfg.mode == "advprop":
         afan.convert_aux_bn(model)
-    model = model.to(device)
+    # Convolutions give channels_last outputs for channels_last weights, so the whole backbone
+    # and FPN run in that layout without converting the images.
+    model = model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     compile_parts(model.parts_to_compile(), cfg.compile, device)
     return model
 

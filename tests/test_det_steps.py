@@ -189,3 +189,28 @@ def test_tail_sd_transforms_pooled_roi_features_only():
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
     assert torch.equal(runs[0]["loss_objectness"], runs[2]["loss_objectness"])
     assert not torch.equal(runs[0]["loss_classifier"], runs[2]["loss_classifier"])
+
+
+def test_channels_last_gives_the_same_training_step():
+    images, targets = batch()
+    runs = []
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        model = make_model("bn").to(memory_format=memory_format)
+        torch.manual_seed(3)
+        base = base_step(model, images, targets)
+        base.loss.backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        torch.manual_seed(3)
+        runs.append((base, grads, afan_step(model, images, targets, AfanConfig(n=2, mask="01"))))
+    (base, grads, afan), (nhwc_base, nhwc_grads, nhwc_afan) = runs
+    assert nhwc_grads["backbone.body.layer3.0.conv1.weight"].is_contiguous(memory_format=torch.channels_last)
+    # Equal losses; the gradients are not compared entry by entry: a near-tie among the
+    # proposals' scores may order another way and hand the sampler other RoIs.
+    torch.testing.assert_close(nhwc_base.losses, base.losses, rtol=1e-4, atol=1e-5)
+    assert nhwc_grads.keys() == grads.keys()
+    torch.testing.assert_close(nhwc_afan.losses["loss_0"], afan.losses["loss_0"], rtol=1e-4, atol=1e-5)
+    # The SE step is gamma * sign(gradient): where the gradient is zero up to rounding (units
+    # that ReLU switched off), another summation order may give the other sign. A few % of
+    # the entries, so the strengths' losses can differ by about 1%.
+    same = (nhwc_afan.se_perturbation - afan.se_perturbation).abs() < 1e-6
+    assert same.float().mean() > 0.95
