@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from afan import settings
-from afan.settings import RunSettings, check_nonnegative, check_strengths
+from afan.settings import RunSettings, check_nonnegative, check_positive, check_strengths
 
 from Classification.data import DataConfig
 
@@ -67,8 +67,6 @@ class TrainConfig(RunSettings):
     model: str = "resnet56"
     epochs: int = 200
     batch_size: int = 128
-    # NHWC tensors: several times faster for these convolutions on CPU (oneDNN) and on GPU.
-    channels_last: bool = True
     out: str = "runs/classification"
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -76,5 +74,4 @@ class TrainConfig(RunSettings):
     advprop: AdvPropConfig = field(default_factory=AdvPropConfig)
 
     def __post_init__(self):
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
+        check_positive(self, ("epochs", "batch_size"))

@@ -30,7 +30,7 @@ from afan.guard import TrainingGuard, guarded_step
 from afan.loading import iteration_batches
 from afan.rundir import LogWindow, RunDir, continue_run, perturbation_sizes, progress, training_state, write_summary
 from afan.runtime import compile_parts, grad_scaler, resolve_precision, seed_everything
-from afan.settings import AdvPropConfig, RunSettings
+from afan.settings import AdvPropConfig, RunSettings, check_positive
 from Detection.config import AfanConfig, ModelConfig
 from Detection.data import DataConfig, build_datasets, collate
 from Detection.evaluation import run_evaluation
@@ -65,7 +65,6 @@ class TrainConfig(RunSettings):
     checkpoint_every: int = 1000
     log_every: int = 20
     draw_images: int = 4  # test images drawn with their predictions at the end
-    channels_last: bool = True  # NHWC weights and features, faster convolutions with cuDNN and oneDNN
     out: str = "runs/detection"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -74,9 +73,7 @@ class TrainConfig(RunSettings):
     advprop: AdvPropConfig = field(default_factory=AdvPropConfig)
 
     def __post_init__(self):
-        for name in ("iterations", "batch_size", "checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_positive(self, ("iterations", "batch_size", "checkpoint_every", "log_every"))
         needs_bn = self.mode == "advprop" or (self.mode == "afan" and self.afan.aux_bn)
         if needs_bn and self.model.norm != "bn":
             raise ValueError("auxiliary BN (mode=advprop or afan.aux_bn=true) needs trainable "

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from afan.settings import AdvPropConfig, RunSettings, check_nonnegative, check_strengths
+from afan.settings import AdvPropConfig, RunSettings, check_nonnegative, check_positive, check_strengths
 from Segmentation.data import DataConfig
 from Segmentation.models.deeplab import MODEL_NAMES, OUTPUT_STRIDES, SPLIT_POINTS
 
@@ -109,7 +109,6 @@ class TrainConfig(RunSettings):
     eval_every: int = 0  # also evaluate (and keep best.pth) every N iterations; 0: only at the end
     checkpoint_every: int = 1000
     log_every: int = 10
-    channels_last: bool = True  # NHWC tensors, faster convolutions with oneDNN (CPU) and cuDNN (GPU)
     out: str = "runs/segmentation"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -119,8 +118,5 @@ class TrainConfig(RunSettings):
     advprop: AdvPropConfig = field(default_factory=AdvPropConfig)
 
     def __post_init__(self):
-        for name in ("iterations", "batch_size", "checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.eval_every < 0:
-            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
+        check_positive(self, ("iterations", "batch_size", "checkpoint_every", "log_every"))
+        check_nonnegative(self, "", ("eval_every",))

@@ -8,12 +8,22 @@ from typing import Literal
 from afan.norm import check_mask
 
 
-def check_nonnegative(section, prefix: str, names) -> None:
-    """Every named setting of ``section`` is >= 0 (``prefix`` names the section in the error)."""
+def _check_at_least(section, prefix: str, names, least) -> None:
     for name in names:
         value = getattr(section, name)
-        if value < 0:
-            raise ValueError(f"{prefix}.{name} must be >= 0, got {value}")
+        if value < least:
+            raise ValueError(f"{prefix + '.' if prefix else ''}{name} must be >= {least}, got {value}")
+
+
+def check_nonnegative(section, prefix: str, names) -> None:
+    """Every named setting of ``section`` is >= 0 (``prefix`` names the section in the error,
+    "" for the top level)."""
+    _check_at_least(section, prefix, names, 0)
+
+
+def check_positive(section, names, prefix: str = "") -> None:
+    """Every named setting of ``section`` is >= 1 (counts such as iterations, batch size)."""
+    _check_at_least(section, prefix, names, 1)
 
 
 def check_strengths(section, prefix: str = "afan") -> None:
@@ -37,6 +47,8 @@ class RunSettings:
     # Mixed precision of the training passes; auto: bf16 (else fp16) on CUDA, fp32 on the CPU.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     sync_bn: bool = False  # under torchrun on CUDA: BatchNorm statistics over the whole batch
+    # NHWC weights and features: faster convolutions with oneDNN (CPU) and cuDNN (GPU).
+    channels_last: bool = True
     # torch.compile of the model's stages: off, inductor (generated kernels) or eager (graph
     # capture only, a check); see afan.runtime.compile_parts.
     compile: Literal["off", "inductor", "eager"] = "off"

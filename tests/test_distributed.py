@@ -6,7 +6,9 @@ global batch as its two halves, the second inside ``afan.frozen_bn_stats``, and 
 mean of the two losses: DDP's averaged gradient.
 """
 import os
+import signal
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ import afan
 from afan import distributed
 from afan.checkpoint import load_checkpoint
 from afan.config import load_config
+from afan.guard import StopRequested
 from afan.runtime import seed_everything
 from afan.sampler import ResumableSampler
 from Classification import train as cls_train
@@ -41,13 +44,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, task: str, overrides: list[str]) -> None:
+def _worker(rank: int, world_size: int, port: int, task: str, overrides: list[str], resume: bool = False) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
     module, config = {"classification": (cls_train, TrainConfig), "segmentation": (seg_train, SegConfig),
                       "detection": (det_train, det_train.TrainConfig)}[task]
-    module.run(load_config(config, overrides=overrides))
+    module.run(load_config(config, overrides=overrides), resume=resume)
 
 
 def _one_thread(reference, cfg) -> dict:
@@ -208,3 +211,35 @@ def test_a_single_process_runs_the_step_directly():
     run = distributed.step_runner(torch.nn.Identity(), lambda model, x: model(x) + 1, process, device)
     assert torch.equal(run(torch.zeros(2)), torch.ones(2))
     assert distributed.sum_over_processes([1.0, 2.5], device) == [1.0, 2.5]
+
+
+def _worker_signalled(rank: int, world_size: int, port: int, overrides: list[str], signalled_rank: int, step: int,
+                      report) -> None:
+    """``_worker`` for segmentation, where process ``signalled_rank`` gets SIGTERM during its
+    ``step``-th step; each process reports where it stopped to the folder ``report``."""
+    real_step, calls = seg_train.training_step, []
+
+    def step_with_signal(*args, **kwargs):
+        calls.append(1)
+        if rank == signalled_rank and len(calls) == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(*args, **kwargs)
+
+    seg_train.training_step = step_with_signal
+    try:
+        _worker(rank, world_size, port, "segmentation", overrides)
+        stopped = "not stopped"
+    except StopRequested as stop:
+        stopped = stop.position
+    (Path(report) / f"rank{rank}").write_text(stopped)
+
+
+def test_a_signal_to_one_process_stops_all_after_the_same_step(tmp_path):
+    overrides = [*SEG_SETTINGS, "mode=base", "iterations=4", "checkpoint_every=4", f"out={tmp_path / 'ddp'}"]
+    mp.spawn(_worker_signalled, args=(2, _free_port(), overrides, 1, 2, str(tmp_path)), nprocs=2, join=True)
+    assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["iteration 2", "iteration 2"]
+    assert load_checkpoint(tmp_path / "ddp" / "last.pth")["iteration"] == 2  # written by process 0 at the stop
+    mp.spawn(_worker, args=(2, _free_port(), "segmentation", overrides, True), nprocs=2, join=True)
+    assert load_checkpoint(tmp_path / "ddp" / "last.pth")["iteration"] == 4
+    rows = (tmp_path / "ddp" / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]

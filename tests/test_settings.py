@@ -3,13 +3,19 @@ from types import SimpleNamespace
 
 import pytest
 
-from afan.settings import AdvPropConfig, check_nonnegative, check_strengths
+from afan.settings import AdvPropConfig, check_nonnegative, check_positive, check_strengths
 
 
 def test_nonnegative_names_the_first_bad_setting():
     check_nonnegative(SimpleNamespace(steps=0, gamma=0.5), "afan", ("steps", "gamma"))
     with pytest.raises(ValueError, match="afan.gamma must be >= 0, got -0.1"):
         check_nonnegative(SimpleNamespace(steps=1, gamma=-0.1), "afan", ("steps", "gamma"))
+
+
+def test_positive_counts_at_the_top_level():
+    check_positive(SimpleNamespace(iterations=1, batch_size=8), ("iterations", "batch_size"))
+    with pytest.raises(ValueError, match="^batch_size must be >= 1, got 0$"):
+        check_positive(SimpleNamespace(iterations=1, batch_size=0), ("iterations", "batch_size"))
 
 
 @pytest.mark.parametrize("section,message", [
