@@ -154,6 +154,12 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
 
     guard = TrainingGuard(process, device, on_nonfinite=cfg.on_nonfinite, last_checkpoint=Path(cfg.out) / RunDir.LAST,
                           skipped=skipped)
+
+    def save_last(**position):
+        save_checkpoint(training_state(checkpoint_payload(model), optimizer, scheduler, cfg, scaler=scaler,
+                                       best_val_acc=best_acc, **guard.counts(always=True), **position),
+                        run_dir.last_checkpoint)
+
     with guard:
         for epoch in range(start_epoch, cfg.epochs):
             tic = time.perf_counter()
@@ -173,30 +179,23 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
             totals = dict(zip(EPOCH_TOTALS, distributed.sum_over_processes(list(totals.values()), device)))
             if done < steps_per_epoch:  # stopped by a signal: save the position inside the epoch
                 if run_dir:
-                    save_checkpoint(training_state(checkpoint_payload(model), optimizer, scheduler, cfg, scaler=scaler,
-                                                   epoch=epoch - 1, best_val_acc=best_acc,
-                                                   partial_epoch={"batch": done, "totals": totals},
-                                                   **guard.counts(always=True)), run_dir.last_checkpoint)
+                    save_last(epoch=epoch - 1, partial_epoch={"batch": done, "totals": totals})
                 guard.stop(f"step {done} of {steps_per_epoch} in epoch {epoch}")
-            if not run_dir:
-                if guard.stop_requested:
-                    guard.stop(f"epoch {epoch}")
-                continue  # the next step's gradient averaging waits for process 0 to finish below
-            # The rate the epoch started with (a resumed epoch did not start here).
-            lr = cfg.optim.lr * lr_factor(epoch * steps_per_epoch, steps_per_epoch, cfg.epochs, cfg.optim)
-            row = {"epoch": epoch, "lr": lr, **epoch_row(totals, cfg), **guard.counts()}
-            row["val_acc"] = evaluate(model, val_loader, device, memory_format(cfg), desc="val")["top1"]
-            row["time"] = time.perf_counter() - tic
-            run_dir.metrics.log(**row)
-            if row["val_acc"] > best_acc:
-                best_acc = row["val_acc"]
-                best = checkpoint_payload(afan.strip_aux_bn(model))
-                save_checkpoint({**best, "epoch": epoch, "val_acc": best_acc}, run_dir.best_checkpoint)
-            save_checkpoint(training_state(checkpoint_payload(model), optimizer, scheduler, cfg, scaler=scaler,
-                                           epoch=epoch, best_val_acc=best_acc, **guard.counts(always=True)),
-                            run_dir.last_checkpoint)
-            print(f"epoch {epoch}: " + " ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"),
-                  flush=True)
+            # The other processes' next step (its gradient averaging) waits for process 0 here.
+            if run_dir:
+                # The rate the epoch started with (a resumed epoch did not start here).
+                lr = cfg.optim.lr * lr_factor(epoch * steps_per_epoch, steps_per_epoch, cfg.epochs, cfg.optim)
+                row = {"epoch": epoch, "lr": lr, **epoch_row(totals, cfg), **guard.counts()}
+                row["val_acc"] = evaluate(model, val_loader, device, memory_format(cfg), desc="val")["top1"]
+                row["time"] = time.perf_counter() - tic
+                run_dir.metrics.log(**row)
+                if row["val_acc"] > best_acc:
+                    best_acc = row["val_acc"]
+                    best = checkpoint_payload(afan.strip_aux_bn(model))
+                    save_checkpoint({**best, "epoch": epoch, "val_acc": best_acc}, run_dir.best_checkpoint)
+                save_last(epoch=epoch)
+                print(f"epoch {epoch}: " + " ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"),
+                      flush=True)
             if guard.stop_requested:
                 guard.stop(f"epoch {epoch}")
     if not run_dir:
