@@ -5,9 +5,10 @@
              --nproc_per_node 8 -m Classification.train --config ...          # two machines
 
 ``torchrun`` sets ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``; without them a run is one plain
-process. The backend is NCCL on CUDA (one GPU per process, ``cuda:LOCAL_RANK``) and gloo on
-the CPU. ``batch_size`` stays the global batch: each process takes ``batch_size / world_size``
-of it.
+process. Under ``torchrun`` a process joins the process group even when it is the only one, so
+``torchrun --nproc_per_node 1`` runs the multi-GPU code (DDP, NCCL, SyncBatchNorm) on one GPU.
+The backend is NCCL on CUDA (one GPU per process, ``cuda:LOCAL_RANK``) and gloo on the CPU.
+``batch_size`` stays the global batch: each process takes ``batch_size / world_size`` of it.
 
 A-FAN's step calls the model's parts (head, tail, attacks) rather than its ``forward``, which is
 where DDP prepares gradient averaging, so the whole training step is wrapped as the forward of
@@ -38,24 +39,21 @@ class Process:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    distributed: bool = False  # in a process group (started by torchrun)
 
     @property
     def is_main(self) -> bool:
         """Logging, checkpoints and evaluation happen here only."""
         return self.rank == 0
 
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
 
 def start(device_name: str) -> tuple[Process, torch.device]:
     """This process's place in the run and its device; joins the process group under torchrun."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     device = select_device(device_name)
-    if world_size == 1:
+    if "RANK" not in os.environ:
         return Process(), device
-    process = Process(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    process = Process(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")),
+                      distributed=True)
     if device.type == "cuda":
         device = torch.device("cuda", process.local_rank)
         torch.cuda.set_device(device)

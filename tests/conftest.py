@@ -1,10 +1,32 @@
-"""Shared fixtures: a tiny CNN split into head and tail, small enough for fast CPU tests, and the
-resume check of the iteration-based trainers."""
+"""Shared fixtures: the devices to test on, a tiny CNN split into head and tail, small enough
+for fast CPU tests, and the resume check of the iteration-based trainers."""
 import pytest
 import torch
 from torch import nn
 
 from afan.checkpoint import load_checkpoint
+
+# Tests that take the ``device`` fixture run on the CPU and, where a GPU is present, on CUDA
+# too (`pytest -k cuda` runs only the CUDA ones).
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+@pytest.fixture
+def cuda():
+    """The GPU, with float32 kept float32 (no TF32 matrix products), so results can be held to
+    float32 tolerances; skips the test where there is none."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """A device to run on (see ``DEVICES``; on CUDA as the ``cuda`` fixture gives it)."""
+    return request.getfixturevalue("cuda") if request.param == "cuda" else torch.device("cpu")
 
 
 class TinyNet(nn.Module):

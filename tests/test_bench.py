@@ -25,15 +25,15 @@ def test_rows_are_ratios_to_base_and_the_needed_passes():
 
 
 @pytest.mark.parametrize("task", sorted(BUILDERS))
-def test_each_task_measures_every_mode_in_process(task, tmp_path):
+def test_each_task_measures_every_mode_in_process(task, tmp_path, device):
     overrides = [*TINY[task], *([f"data.root={tmp_path}"] if task == "detection" else [])]
-    afan = measure(task, "afan", "cpu", overrides, warmup=0, repeats=1)
+    afan = measure(task, "afan", str(device), overrides, warmup=0, repeats=1)
     assert afan["step_s"] > 0 and afan["description"]
     expected = {"clean", "se_attack", "se_strength"} | ({"sd_attack", "sd_strength"} if task != "classification" else set())
     assert set(afan["passes"]) == expected and all(p["seconds"] > 0 for p in afan["passes"].values())
     assert afan["passes"]["se_strength"]["count"] == {"classification": 1, "detection": 4, "segmentation": 2}[task]
     for mode in ("base", "advprop"):
-        assert measure(task, mode, "cpu", overrides, warmup=0, repeats=1)["passes"] == {}
+        assert measure(task, mode, str(device), overrides, warmup=0, repeats=1)["passes"] == {}
 
 
 def test_command_line_writes_the_table_and_csv(tmp_path, capsys):

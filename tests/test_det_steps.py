@@ -14,12 +14,16 @@ from Detection.steps import advprop_step, afan_step, base_step, pixel_pgd, sd_at
 TINY = {"min_size": 64, "max_size": 96}
 
 
-def make_model(norm="frozen", seed=0):
+def make_model(norm="frozen", seed=0, device="cpu"):
     torch.manual_seed(seed)
     model = create_model("fasterrcnn_resnet18_fpn", 5, norm=norm, anchor_sizes=[16, 32, 64, 128, 256], **TINY)
     # 64 sampled RoIs per image instead of 512: the box head's big linear layer dominates CPU time.
     model.roi_heads.fg_bg_sampler.batch_size_per_image = 64
-    return model.train()
+    return model.train().to(device)
+
+
+def on(device, images, targets):
+    return [i.to(device) for i in images], [{k: v.to(device) for k, v in t.items()} for t in targets]
 
 
 def batch(seed=0):
@@ -46,10 +50,10 @@ def bn_buffers(model):
 
 
 @pytest.mark.parametrize("norm", ["frozen", "bn"])
-def test_base_step_equals_torchvision(norm):
-    model = make_model(norm)
+def test_base_step_equals_torchvision(norm, device):
+    model = make_model(norm, device=device)
     reference = copy.deepcopy(model)  # BN statistics move with every training pass
-    images, targets = batch()
+    images, targets = on(device, *batch())
     torch.manual_seed(5)
     expected = reference(images, targets)
     torch.manual_seed(5)
@@ -65,11 +69,11 @@ def test_base_step_equals_torchvision(norm):
     assert torch.allclose(afan_result.losses["loss_0"], result.loss.detach(), atol=1e-5, rtol=0)
 
 
-def test_attacks_are_bounded_and_touch_neither_grads_nor_bn_stats():
-    model = make_model("bn")
+def test_attacks_are_bounded_and_touch_neither_grads_nor_bn_stats(device):
+    model = make_model("bn", device=device)
     afan.convert_aux_bn(model, after="backbone.body.layer2")
     cfg = AfanConfig(se_steps=2, gamma_se=1.0, sd_steps=3, gamma_sd=0.1, aux_bn=True)
-    images, targets = batch()
+    images, targets = on(device, *batch())
     image_list, targets, feats, _, state = clean_pass(model, images, targets)
     for p in model.parameters():
         p.grad = torch.randn_like(p)
@@ -191,11 +195,11 @@ def test_tail_sd_transforms_pooled_roi_features_only():
     assert not torch.equal(runs[0]["loss_classifier"], runs[2]["loss_classifier"])
 
 
-def test_channels_last_gives_the_same_training_step():
-    images, targets = batch()
+def test_channels_last_gives_the_same_training_step(device):
+    images, targets = on(device, *batch())
     runs = []
     for memory_format in (torch.contiguous_format, torch.channels_last):
-        model = make_model("bn").to(memory_format=memory_format)
+        model = make_model("bn", device=device).to(memory_format=memory_format)
         torch.manual_seed(3)
         base = base_step(model, images, targets)
         base.loss.backward()

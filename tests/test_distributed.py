@@ -5,9 +5,12 @@ keeps process 0's BatchNorm running statistics. The one-process reference theref
 global batch as its two halves, the second inside ``afan.frozen_bn_stats``, and steps on the
 mean of the two losses: DDP's averaged gradient.
 """
+import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,6 +36,7 @@ from Segmentation.config import TrainConfig as SegConfig
 from Segmentation.data import build_datasets as seg_datasets
 from Segmentation.data import collate as seg_collate
 
+ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ["data.name=shapes", "data.train_size=24", "data.val_size=4", "data.test_size=4", "data.workers=0",
             "data.augment=false", "model=resnet20", "batch_size=8", "epochs=1", "device=cpu", "deterministic=true",
             "optim.warmup_epochs=0", "optim.lr=0.01"]
@@ -197,6 +201,30 @@ def test_detection_two_processes_match_one_process(tmp_path, mode):
     expected = _one_thread(lambda cfg: _iteration_reference("detection", cfg),
                            load_config(det_train.TrainConfig, overrides=overrides))
     _assert_same_weights(trained, expected, mode)
+
+
+def test_one_process_under_torchrun_trains_as_a_plain_run(tmp_path):
+    """Alone in its process group, a process takes the DDP path and ends with the plain run's weights."""
+    overrides = [*SEG_SETTINGS, "mode=afan", "iterations=2"]
+    mp.spawn(_worker, args=(1, _free_port(), "segmentation", [*overrides, f"out={tmp_path / 'ddp'}"]), nprocs=1,
+             join=True)
+    _one_thread(seg_train.run, load_config(SegConfig, overrides=[*overrides, f"out={tmp_path / 'plain'}"]))
+    ddp, plain = (load_checkpoint(tmp_path / name / "last.pth")["model"] for name in ("ddp", "plain"))
+    for key, value in plain.items():
+        assert torch.equal(ddp[key], value), key
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_torchrun_on_a_gpu_trains_with_nccl_and_sync_bn(tmp_path):
+    """The README's torchrun command on one GPU: NCCL, DDP and SyncBatchNorm, then evaluation."""
+    settings = [s for s in SEG_SETTINGS if s not in ("device=cpu", "deterministic=true")]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
+               str(_free_port()), "-m", "Segmentation.train", *settings, "device=cuda", "sync_bn=true", "mode=afan",
+               f"out={tmp_path / 'run'}"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["iterations"] == 3 and 0 <= summary["miou"] <= 1
 
 
 def test_batch_must_split_over_the_processes():

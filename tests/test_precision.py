@@ -1,5 +1,5 @@
 """Mixed precision: the switches, A-FAN's numerics in bf16 against float32, and training runs
-in bf16 and in fp16 with a grad scaler (checkpointed and resumed)."""
+in bf16 and in fp16 with a grad scaler (checkpointed and resumed), on the CPU and on CUDA."""
 import pytest
 import torch
 
@@ -35,15 +35,14 @@ def _relative(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def test_segmentation_afan_step_in_bf16_is_close_to_float32():
+def test_segmentation_afan_step_in_bf16_is_close_to_float32(device):
     torch.manual_seed(0)
-    model = create_model("deeplabv3plus_mobilenet", 7).train()
-    images, masks = torch.rand(2, 3, 48, 48), torch.randint(0, 7, (2, 48, 48))
+    model = create_model("deeplabv3plus_mobilenet", 7).train().to(device)
+    model.classifier.aspp.project[-1].p = 0.0  # CUDA's dropout masks depend on the dtype
+    images, masks = torch.rand(2, 3, 48, 48, device=device), torch.randint(0, 7, (2, 48, 48), device=device)
     cfg = AfanConfig(gamma_se=2.0, gamma_sd=2.0)
-    torch.manual_seed(1)  # the same dropout masks in both
     full = afan_step(model, images, masks, cfg)
-    torch.manual_seed(1)
-    with autocast("bf16", CPU):
+    with autocast("bf16", device):
         half = afan_step(model, images, masks, cfg)
     assert half.perturbation.dtype == torch.float32  # the perturbation itself is kept in float32
     with torch.no_grad():
@@ -56,13 +55,13 @@ def test_segmentation_afan_step_in_bf16_is_close_to_float32():
         assert abs(half.losses[key].item() - loss.item()) / loss.item() < 2e-2, key
 
 
-def test_classification_afan_step_in_bf16_is_close_to_float32():
+def test_classification_afan_step_in_bf16_is_close_to_float32(device):
     torch.manual_seed(0)
-    model = create_classifier("resnet20", 6).train()
-    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 6, (8,))
+    model = create_classifier("resnet20", 6).train().to(device)
+    x, y = torch.rand(8, 3, 32, 32, device=device), torch.randint(0, 6, (8,), device=device)
     cfg = ClsAfanConfig(steps=3, gamma=1.0)
     full = cls_afan_step(model, x, y, cfg)
-    with autocast("bf16", CPU):
+    with autocast("bf16", device):
         half = cls_afan_step(model, x, y, cfg)
     assert abs(half.loss.item() - full.loss.item()) / full.loss.item() < 2e-2
     h = model.head(x, cfg.layer)
@@ -71,12 +70,12 @@ def test_classification_afan_step_in_bf16_is_close_to_float32():
 
 TINY = ["model.name=deeplabv3plus_mobilenet", "data.name=shapes", "data.image_size=32", "data.train_size=8",
         "data.val_size=2", "data.crop_size=0", "data.scale_range=[1.0,1.0]", "data.workers=0", "batch_size=2",
-        "log_every=1", "device=cpu", "eval.batch_size=2", "eval.save_images=0", "mode=afan"]
+        "log_every=1", "eval.batch_size=2", "eval.save_images=0", "mode=afan"]
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_segmentation_trains_and_resumes_in_mixed_precision(tmp_path, precision):
-    settings = [*TINY, f"precision={precision}", "iterations=2", "checkpoint_every=1"]
+def test_segmentation_trains_and_resumes_in_mixed_precision(tmp_path, precision, device):
+    settings = [*TINY, f"device={device}", f"precision={precision}", "iterations=2", "checkpoint_every=1"]
     summary = seg_train.run(load_config(seg_train.TrainConfig, overrides=[*settings, f"out={tmp_path}/run"]))
     assert 0 <= summary["miou"] <= 1
     state = load_checkpoint(tmp_path / "run" / "last.pth")
@@ -86,19 +85,19 @@ def test_segmentation_trains_and_resumes_in_mixed_precision(tmp_path, precision)
     assert resumed["iterations"] == 3 and load_checkpoint(tmp_path / "run" / "last.pth")["iteration"] == 3
 
 
-def test_classification_trains_in_bf16(tmp_path):
+def test_classification_trains_in_bf16(tmp_path, device):
     cfg = load_config(cls_train.TrainConfig, overrides=[
         "data.name=shapes", "data.train_size=16", "data.val_size=4", "data.test_size=4", "data.workers=0",
-        "model=resnet20", "batch_size=8", "epochs=1", "device=cpu", "precision=bf16", "mode=afan",
+        "model=resnet20", "batch_size=8", "epochs=1", f"device={device}", "precision=bf16", "mode=afan",
         f"out={tmp_path}/run"])
     assert 0 <= cls_train.run(cfg)["test_acc"] <= 1
 
 
-def test_detection_trains_in_bf16(tmp_path):
+def test_detection_trains_in_bf16(tmp_path, device):
     cfg = load_config(det_train.TrainConfig, overrides=[
         "model.name=fasterrcnn_resnet18_fpn", "model.min_size=64", "model.max_size=64", "model.roi_batch_size=16",
         "data.name=shapes", "data.image_size=64", "data.train_size=4", "data.val_size=2",
         f"data.root={tmp_path / 'data'}", "data.workers=0", "batch_size=2", "iterations=2", "draw_images=0",
-        "device=cpu", "precision=bf16", "mode=afan", "afan.n=2", "afan.mask=01", f"out={tmp_path}/run"])
+        f"device={device}", "precision=bf16", "mode=afan", "afan.n=2", "afan.mask=01", f"out={tmp_path}/run"])
     summary = det_train.run(cfg)
     assert 0 <= summary["mAP"] <= 1

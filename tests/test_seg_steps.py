@@ -57,19 +57,20 @@ def test_afan_loss_is_the_released_weighting(model):
 
 
 @pytest.mark.parametrize("layer", ["layer1", "layer3"])
-def test_perturbations_stay_within_their_step_bounds(model, layer):
+def test_perturbations_stay_within_their_step_bounds(model, layer, device):
     cfg = AfanConfig(se_layer=layer, se_steps=2, gamma_se=3.0, sd_steps=3, gamma_sd=0.5)
-    result = afan_step(model, *batch(), cfg)
+    result = afan_step(model.to(device), *(t.to(device) for t in batch()), cfg)
     assert result.perturbation.abs().max() <= 2 * 3.0 / 255 + 1e-6
     assert result.sd_perturbation.abs().max() <= 3 * 0.5 / 255 + 1e-6
     assert result.perturbation.abs().max() > 0 and result.sd_perturbation.abs().max() > 0
 
 
-def test_attacks_leave_parameter_gradients_and_bn_statistics_alone(model):
+def test_attacks_leave_parameter_gradients_and_bn_statistics_alone(model, device):
     """The attack passes (forward and backward through the tail and the decoder) change no
     parameter's .grad and no running statistic: with step size 0 they find the clean features,
     so a step with attack passes must leave the model exactly as one without them."""
-    images, masks = batch()
+    model.to(device)
+    images, masks = (t.to(device) for t in batch())
     without_attack = copy.deepcopy(model)
     for p in model.parameters():
         p.grad = torch.full_like(p, 0.25)

@@ -1,0 +1,83 @@
+"""The same training steps on the CPU and on CUDA (float32, no TF32) give the same losses,
+adversarial features, parameter gradients and BatchNorm statistics: nothing in the method
+depends on where it runs. Skipped where there is no GPU."""
+import copy
+
+import torch
+
+import afan
+from afan.settings import AdvPropConfig
+from Classification.config import AfanConfig as ClsAfanConfig
+from Classification.models import create_model as create_classifier
+from Classification.steps import advprop_step as cls_advprop_step
+from Classification.steps import afan_step as cls_afan_step
+from Segmentation.config import AfanConfig as SegAfanConfig
+from Segmentation.models import create_model as create_segmenter
+from Segmentation.steps import afan_step as seg_afan_step
+
+
+def _on_both(model, step, *batch):
+    """``step(model, *batch)`` and its backward on the CPU and on CUDA, each on its own copy."""
+    runs = {}
+    for device in ("cpu", "cuda"):
+        copy_ = copy.deepcopy(model).to(device)
+        result = step(copy_, *(t.to(device) for t in batch))
+        result.loss.backward()
+        runs[device] = (copy_, result)
+    return runs
+
+
+def _assert_same_model_state(cpu_model, cuda_model):
+    for (name, p), q in zip(cpu_model.named_parameters(), cuda_model.parameters()):
+        torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-3, atol=1e-5, msg=name)
+    for (name, b), c in zip(cpu_model.named_buffers(), cuda_model.buffers()):
+        torch.testing.assert_close(c.cpu(), b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _assert_same_steps(cuda_step, cpu_step, step_size):
+    """PGD steps are ``step_size * sign(gradient)``: where a gradient is zero up to rounding,
+    the other device may take the other sign, so a few entries may differ by two steps."""
+    delta = (cuda_step.cpu() - cpu_step).abs()
+    assert (delta < 1e-6).float().mean() > 0.99
+    assert delta.max() <= 2 * step_size + 1e-6
+
+
+def test_classification_afan_step_is_the_same_on_cuda(cuda):
+    torch.manual_seed(0)
+    model = create_classifier("resnet20", 6).train()
+    afan.convert_aux_bn(model, after="layer2")
+    cfg = ClsAfanConfig(layer="layer2", steps=3, gamma=1.0, n=2, mask="01", aux_bn=True)
+    x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 6, (16,))
+    runs = _on_both(model, lambda m, x, y: cls_afan_step(m, x, y, cfg), x, y)
+    (cpu_model, cpu), (cuda_model, gpu) = runs["cpu"], runs["cuda"]
+    torch.testing.assert_close(gpu.loss.cpu(), cpu.loss, rtol=1e-4, atol=0)
+    _assert_same_steps(gpu.perturbation, cpu.perturbation, 3 * 1.0 / 255)
+    _assert_same_model_state(cpu_model, cuda_model)
+
+
+def test_classification_advprop_step_is_the_same_on_cuda(cuda):
+    torch.manual_seed(0)
+    model = create_classifier("resnet20", 6).train()
+    afan.convert_aux_bn(model)
+    cfg = AdvPropConfig(steps=2, eps=4.0, step_size=1.0, random_start=False)  # no draws: the devices differ
+    x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 6, (16,))
+    runs = _on_both(model, lambda m, x, y: cls_advprop_step(m, x, y, cfg), x, y)
+    (cpu_model, cpu), (cuda_model, gpu) = runs["cpu"], runs["cuda"]
+    torch.testing.assert_close(gpu.loss.cpu(), cpu.loss, rtol=1e-4, atol=0)
+    _assert_same_steps(gpu.perturbation, cpu.perturbation, 2 * 1.0 / 255)
+    _assert_same_model_state(cpu_model, cuda_model)
+
+
+def test_segmentation_afan_step_is_the_same_on_cuda(cuda):
+    torch.manual_seed(0)
+    model = create_segmenter("deeplabv3plus_mobilenet", 5).train()
+    model.classifier.aspp.project[-1].p = 0.0  # no dropout: the devices draw different masks
+    cfg = SegAfanConfig(se_steps=1, gamma_se=2.0, sd_steps=1, gamma_sd=2.0)
+    images, masks = torch.rand(4, 3, 48, 48), torch.randint(0, 5, (4, 48, 48))
+    runs = _on_both(model, lambda m, images, masks: seg_afan_step(m, images, masks, cfg), images, masks)
+    (cpu_model, cpu), (cuda_model, gpu) = runs["cpu"], runs["cuda"]
+    for key, value in cpu.losses.items():
+        torch.testing.assert_close(gpu.losses[key].cpu(), value, rtol=1e-4, atol=0, msg=key)
+    _assert_same_steps(gpu.perturbation, cpu.perturbation, 2.0 / 255)
+    _assert_same_steps(gpu.sd_perturbation, cpu.sd_perturbation, 2.0 / 255)
+    _assert_same_model_state(cpu_model, cuda_model)
