@@ -43,10 +43,13 @@ def afan_step(model, x, y, cfg: AfanConfig) -> StepResult:
         h_adv = afan.feature_pgd(h, adversarial_loss, steps=cfg.steps, step_size=cfg.gamma / 255,
                                  eps=cfg.eps / 255, norm=cfg.norm, random_start=cfg.random_start,
                                  project=cfg.project)
-    features = afan.mix_by_mask(h, afan.interpolate(h, h_adv, cfg.n), cfg.mask, dim=MIX_DIMS[cfg.mix_dim])
+    def strength_loss(i):
+        return lambda clean: adversarial_loss(afan.mixed_strength(clean, h_adv, i, cfg.mask, dim=MIX_DIMS[cfg.mix_dim]))
+
+    # One tail pass per strength, each back-propagated at once (its graph freed).
     with afan.use_aux_bn(model, enabled=cfg.aux_bn):
-        loss_adv = sum(adversarial_loss(f) for f in features) / len(features)
-    loss = (F.cross_entropy(logits, y) + loss_adv) / 2
+        loss_adv, _ = afan.backward_each([h], [strength_loss(i) for i in range(1, cfg.n + 1)], model.parameters())
+    loss = (F.cross_entropy(logits, y) + loss_adv / cfg.n) / 2
     return StepResult(loss, logits, h_adv - h.detach())
 
 

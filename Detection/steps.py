@@ -89,14 +89,25 @@ def afan_step(model, images: list[Tensor], targets: Targets, cfg: AfanConfig) ->
     clean, state = tail(model, feats, at, image_list, targets, return_state=True)
     terms = {"loss_0": _total(clean)}
 
-    # SE: attack, strengths, adversarial feature normalization, one tail pass each.
+    # SE: attack, strengths, adversarial feature normalization, one tail pass each, each
+    # back-propagated at once (its graph freed) towards the shared clean features.
     h = feats[at]
     h_adv = se_attack(model, feats, at, image_list, targets, cfg)
-    strengths = afan.mix_by_mask(h, afan.interpolate(h, h_adv, cfg.n), cfg.mask)
+    names = list(feats)
+
+    def strength_loss(i):
+        def loss(*shared):
+            shared = dict(zip(names, shared))
+            feature = afan.mixed_strength(shared[at], h_adv, i, cfg.mask)
+            return _total(tail(model, {**shared, at: feature}, at, image_list, targets))
+        return loss
+
     with afan.use_aux_bn(model, enabled=cfg.aux_bn):
-        for i, feature in enumerate(strengths, start=1):
-            terms[f"loss_{i}"] = _total(tail(model, {**feats, at: feature}, at, image_list, targets))
-    loss = sum(terms.values()) / 3
+        strengths_loss, values = afan.backward_each([feats[k] for k in names],
+                                                    [strength_loss(i) for i in range(1, cfg.n + 1)],
+                                                    model.parameters())
+    terms.update({f"loss_{i}": value for i, value in enumerate(values, start=1)})
+    loss = (terms["loss_0"] + strengths_loss) / 3
 
     sd_perturbation = None
     if cfg.sd:

@@ -67,10 +67,17 @@ def afan_step(model, images: Tensor, masks: Tensor, cfg: AfanConfig) -> StepResu
 
     with afan.frozen_bn_stats(model), afan.use_aux_bn(model, enabled=cfg.aux_bn):
         h_adv = afan.feature_pgd(h, se_loss, steps=cfg.se_steps, step_size=cfg.gamma_se / 255)
-    strengths = afan.mix_by_mask(h, afan.interpolate(h, h_adv, cfg.n), cfg.mask)
+
+    def strength_loss(i):
+        def loss(clean, low):
+            return segmentation_loss(model.tail(afan.mixed_strength(clean, h_adv, i, cfg.mask), at, low, size), masks)
+        return loss
+
+    # One tail pass per strength, each back-propagated at once (its graph freed).
     with afan.use_aux_bn(model, enabled=cfg.aux_bn):
-        for i, feature in enumerate(strengths, start=1):
-            terms[f"loss_{i}"] = segmentation_loss(model.tail(feature, at, low_level, size), masks)
+        adversarial, values = afan.backward_each([h, low_level], [strength_loss(i) for i in range(1, cfg.n + 1)],
+                                                 model.parameters())
+    terms.update({f"loss_{i}": value for i, value in enumerate(values, start=1)})
 
     sd_perturbation = None
     if cfg.sd:
@@ -87,9 +94,9 @@ def afan_step(model, images: Tensor, masks: Tensor, cfg: AfanConfig) -> StepResu
             sd_feature = sd_feature + noise * (cfg.gamma_sd * cfg.sd_noise)
         with afan.use_aux_bn(model, enabled=cfg.aux_bn):
             terms["loss_sd"] = segmentation_loss(model.decode(sd_feature, low_level, size), masks)
+        adversarial = adversarial + terms["loss_sd"]
 
-    adversarial = [v for k, v in terms.items() if k != "loss_0"]
-    loss = (1 - cfg.w) * terms["loss_0"] + cfg.w / len(adversarial) * sum(adversarial)
+    loss = (1 - cfg.w) * terms["loss_0"] + cfg.w / (len(terms) - 1) * adversarial
     losses = {k: v.detach() for k, v in terms.items()}
     return StepResult(loss, logits, losses, h_adv - h.detach(), sd_perturbation)
 

@@ -18,24 +18,30 @@ from .norm import (
     frozen_bn_stats,
     mix_by_mask,
     mix_statistics,
+    mixed_strength,
     strip_aux_bn,
     strip_aux_state_dict,
     use_aux_bn,
 )
-from .perturb import feature_pgd, interpolate
+from .passes import backward_each, loss_scale
+from .perturb import feature_pgd, interpolate, strength
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AuxBatchNorm2d",
     "Normalize",
+    "backward_each",
     "convert_aux_bn",
     "feature_pgd",
     "frozen_bn_stats",
     "interpolate",
+    "loss_scale",
     "mix_by_mask",
     "mix_statistics",
+    "mixed_strength",
     "strip_aux_bn",
     "strip_aux_state_dict",
+    "strength",
     "use_aux_bn",
 ]

@@ -20,6 +20,7 @@ from typing import Mapping, Optional
 import torch
 
 from afan import distributed
+from afan.passes import loss_scale
 from afan.runtime import autocast, optimizer_step
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -106,7 +107,8 @@ def guarded_step(run_step, batch, guard: TrainingGuard, *, optimizer, scheduler,
     """One training step: ``run_step(*batch)`` in the run's precision, the guard's check of its
     loss, the update (unless the step is skipped) and the schedule's step. Returns its result,
     whose ``losses`` (where it has them) name the terms in a non-finite-loss message."""
-    with autocast(precision, device):
+    # The fp16 loss scale reaches the passes that take their gradients early (afan.passes).
+    with autocast(precision, device), loss_scale(scaler.get_scale() if scaler.is_enabled() else 1.0):
         result = run_step(*batch)
     if guard.accept(result.loss, getattr(result, "losses", {}), where):
         optimizer_step(result.loss, optimizer, scaler)

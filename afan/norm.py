@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from afan.perturb import strength
+
 Dim = Union[int, tuple[int, ...]]
 
 
@@ -65,6 +67,14 @@ def mix_by_mask(clean: torch.Tensor, features: list[torch.Tensor], mask: str, *,
     """
     check_mask(mask, len(features))
     return [mix_statistics(clean, f, dim=dim, eps=eps) if m == "1" else f for m, f in zip(mask, features)]
+
+
+def mixed_strength(clean: torch.Tensor, adv: torch.Tensor, i: int, mask: str, *, dim: Dim = 1) -> torch.Tensor:
+    """The ``i``-th (``1..len(mask)``) of ``mix_by_mask(clean, interpolate(clean, adv, n), mask)``
+    alone (``n = len(mask)``), for a caller that runs one strength at a time."""
+    check_mask(mask, len(mask))
+    feature = strength(clean, adv, i, len(mask))
+    return mix_statistics(clean, feature, dim=dim) if mask[i - 1] == "1" else feature
 
 
 # Children of timm's BatchNormAct2d that run after the normalisation, in timm's order.

