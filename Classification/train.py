@@ -26,7 +26,7 @@ from afan.cli import train_main
 from afan.config import ConfigError
 from afan.guard import TrainingGuard, guarded_step
 from afan.loading import iteration_batches
-from afan.rundir import RunDir, continue_run, progress, training_state, write_summary
+from afan.rundir import RunDir, continue_run, progress, rng_states, training_state, write_summary
 from afan.runtime import compile_parts, grad_scaler, resolve_precision, seed_everything
 from Classification.config import OptimConfig, TrainConfig
 from Classification.data import build_datasets, make_loader
@@ -145,7 +145,7 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
 
     start_epoch, best_acc, partial, skipped = 0, -1.0, None, 0
     if resume:
-        state = continue_run(cfg.out, run_dir, model, optimizer, scheduler, position="epoch",
+        state = continue_run(cfg.out, run_dir, model, optimizer, scheduler, position="epoch", process=process,
                              scaler=scaler)
         start_epoch, best_acc, skipped = state["epoch"] + 1, state["best_val_acc"], state.get("skipped_steps", 0)
         partial = state.get("partial_epoch")
@@ -156,9 +156,12 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
                           skipped=skipped)
 
     def save_last(**position):
-        save_checkpoint(training_state(checkpoint_payload(model), optimizer, scheduler, cfg, scaler=scaler,
-                                       best_val_acc=best_acc, **guard.counts(always=True), **position),
-                        run_dir.last_checkpoint)
+        """Write last.pth at ``position`` (call on every process: they exchange RNG states)."""
+        rngs = rng_states(process)
+        if run_dir:
+            save_checkpoint(training_state(checkpoint_payload(model), optimizer, scheduler, cfg, rngs=rngs,
+                                           scaler=scaler, best_val_acc=best_acc, **guard.counts(always=True),
+                                           **position), run_dir.last_checkpoint)
 
     with guard:
         for epoch in range(start_epoch, cfg.epochs):
@@ -178,8 +181,7 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
                                    totals, first, steps_per_epoch)
             totals = dict(zip(EPOCH_TOTALS, distributed.sum_over_processes(list(totals.values()), device)))
             if done < steps_per_epoch:  # stopped by a signal: save the position inside the epoch
-                if run_dir:
-                    save_last(epoch=epoch - 1, partial_epoch={"batch": done, "totals": totals})
+                save_last(epoch=epoch - 1, partial_epoch={"batch": done, "totals": totals})
                 guard.stop(f"step {done} of {steps_per_epoch} in epoch {epoch}")
             # The other processes' next step (its gradient averaging) waits for process 0 here.
             if run_dir:
@@ -193,9 +195,9 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
                     best_acc = row["val_acc"]
                     best = checkpoint_payload(afan.strip_aux_bn(model))
                     save_checkpoint({**best, "epoch": epoch, "val_acc": best_acc}, run_dir.best_checkpoint)
-                save_last(epoch=epoch)
                 print(f"epoch {epoch}: " + " ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"),
                       flush=True)
+            save_last(epoch=epoch)
             if guard.stop_requested:
                 guard.stop(f"epoch {epoch}")
     if not run_dir:

@@ -28,7 +28,8 @@ from afan.checkpoint import save_checkpoint
 from afan.cli import train_main
 from afan.guard import TrainingGuard, guarded_step
 from afan.loading import iteration_batches
-from afan.rundir import LogWindow, RunDir, continue_run, perturbation_sizes, progress, training_state, write_summary
+from afan.rundir import (LogWindow, RunDir, continue_run, perturbation_sizes, progress, rng_states, training_state,
+                         write_summary)
 from afan.runtime import compile_parts, grad_scaler, resolve_precision, seed_everything
 from afan.settings import AdvPropConfig, RunSettings, check_positive
 from Detection.config import AfanConfig, ModelConfig
@@ -136,7 +137,8 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
 
     start, skipped = 0, 0
     if resume:
-        state = continue_run(cfg.out, run_dir, model, optimizer, scheduler, position="iteration", scaler=scaler)
+        state = continue_run(cfg.out, run_dir, model, optimizer, scheduler, position="iteration", process=process,
+                             scaler=scaler)
         start, skipped = state["iteration"], state.get("skipped_steps", 0)
     if run_dir:
         run_dir.save_config(cfg)
@@ -165,9 +167,12 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
                 means = window.close(process, device)  # every process comes here at the same iterations
                 if run_dir:
                     run_dir.metrics.log(iteration=done, lr=optimizer.param_groups[0]["lr"], **means, **guard.counts())
-            if run_dir and (done % cfg.checkpoint_every == 0 or done == cfg.iterations or guard.stop_requested):
-                save_checkpoint(training_state(checkpoint_payload(model), optimizer, scheduler, cfg, scaler=scaler,
-                                               iteration=done, **guard.counts(always=True)), run_dir.last_checkpoint)
+            if done % cfg.checkpoint_every == 0 or done == cfg.iterations or guard.stop_requested:
+                rngs = rng_states(process)  # every process, at the same step
+                if run_dir:
+                    save_checkpoint(training_state(checkpoint_payload(model), optimizer, scheduler, cfg, rngs=rngs,
+                                                   scaler=scaler, iteration=done, **guard.counts(always=True)),
+                                    run_dir.last_checkpoint)
             if guard.stop_requested:
                 guard.stop(f"iteration {done}")
     if not run_dir:

@@ -26,7 +26,8 @@ from afan.checkpoint import save_checkpoint
 from afan.cli import train_main
 from afan.guard import TrainingGuard, guarded_step
 from afan.loading import iteration_batches
-from afan.rundir import LogWindow, RunDir, continue_run, perturbation_sizes, progress, training_state, write_summary
+from afan.rundir import (LogWindow, RunDir, continue_run, perturbation_sizes, progress, rng_states, training_state,
+                         write_summary)
 from afan.runtime import compile_parts, grad_scaler, resolve_precision, seed_everything
 from Segmentation.config import OptimConfig, TrainConfig
 from Segmentation.data import build_datasets, collate
@@ -108,7 +109,7 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
 
     start, best, skipped = 0, -1.0, 0
     if resume:
-        state = continue_run(cfg.out, run_dir, model, optimizer, scheduler, position="iteration",
+        state = continue_run(cfg.out, run_dir, model, optimizer, scheduler, position="iteration", process=process,
                              scaler=scaler)
         start, best, skipped = state["iteration"], state["best_miou"], state.get("skipped_steps", 0)
     if run_dir:
@@ -150,8 +151,10 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
                 if log_now or eval_now:
                     run_dir.metrics.log(iteration=done, lr=optimizer.param_groups[-1]["lr"], **means,
                                         **{f"val_{k}": v for k, v in scores.items()}, **guard.counts())
-                if done % cfg.checkpoint_every == 0 or done == cfg.iterations or guard.stop_requested:
-                    save_checkpoint(training_state(checkpoint_payload(model), optimizer, scheduler, cfg,
+            if done % cfg.checkpoint_every == 0 or done == cfg.iterations or guard.stop_requested:
+                rngs = rng_states(process)  # every process, at the same step
+                if run_dir:
+                    save_checkpoint(training_state(checkpoint_payload(model), optimizer, scheduler, cfg, rngs=rngs,
                                                    scaler=scaler, iteration=done, best_miou=best,
                                                    **guard.counts(always=True)), run_dir.last_checkpoint)
             # The other processes' next step (its gradient averaging) waits for process 0 here.

@@ -129,6 +129,15 @@ def step_runner(model: nn.Module, step: Callable, process: Process, device: torc
     return run
 
 
+def gather(value, process: Process) -> list:
+    """Every process's ``value`` (any picklable object), in rank order; every process must call it."""
+    if not process.distributed:
+        return [value]
+    values = [None] * process.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
 def sum_over_processes(values: list[float], device: torch.device) -> list[float]:
     """Element-wise sums over all processes (the values themselves in a single process)."""
     if not dist.is_initialized():

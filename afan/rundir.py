@@ -189,26 +189,38 @@ def progress(iterable=None, *, total=None, desc=None, disable=None, **kwargs):
     return tqdm(iterable, total=total, desc=desc, disable=disable, **kwargs)
 
 
-def training_state(payload: dict, optimizer, scheduler, cfg, *, scaler=None, **progress_marks) -> dict:
+def rng_states(process) -> list[dict]:
+    """Every process's RNG state, in rank order, for :func:`training_state` (every process
+    must call it at the same step: they exchange their states)."""
+    return distributed.gather(rng_state(), process)
+
+
+def training_state(payload: dict, optimizer, scheduler, cfg, *, rngs: list[dict], scaler=None,
+                   **progress_marks) -> dict:
     """What ``last.pth`` holds to continue a run exactly: the model ``payload`` (the task's
-    checkpoint format), optimizer, scheduler, fp16 grad scaler, every RNG state, the config and
-    the position (e.g. ``epoch=``, ``iteration=``)."""
+    checkpoint format), optimizer, scheduler, fp16 grad scaler, the RNG states ``rngs`` (from
+    :func:`rng_states`: one per process, so each process of a torchrun resume draws on as it
+    would have), the config and the position (e.g. ``epoch=``, ``iteration=``)."""
     scaler_state = {"scaler": scaler.state_dict()} if scaler is not None and scaler.is_enabled() else {}
+    by_process = {"rng_by_process": rngs} if len(rngs) > 1 else {}
     return {**payload, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **scaler_state,
-            "rng": rng_state(), "config": config_to_dict(cfg), **progress_marks}
+            "rng": rngs[0], **by_process, "config": config_to_dict(cfg), **progress_marks}
 
 
-def restore_training_state(state: dict, model, optimizer, scheduler, scaler=None) -> None:
-    """Put a ``training_state`` back into fresh model, optimizer, scheduler, scaler and RNGs."""
+def restore_training_state(state: dict, model, optimizer, scheduler, scaler=None, process=None) -> None:
+    """Put a ``training_state`` back into fresh model, optimizer, scheduler, scaler and RNGs:
+    each process takes its own RNG state when the run had as many processes, else process 0's."""
     model.load_state_dict(state["model"])  # continue_run has checked that it fits
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and "scaler" in state:
         scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"])
+    by_process = state.get("rng_by_process", [])
+    same_processes = process is not None and len(by_process) == process.world_size
+    set_rng_state(by_process[process.rank] if same_processes else state["rng"])
 
 
-def continue_run(out, run_dir, model, optimizer, scheduler, *, position: str, scaler=None) -> dict:
+def continue_run(out, run_dir, model, optimizer, scheduler, *, position: str, process, scaler=None) -> dict:
     """Restore ``out/last.pth`` into model, optimizer, scheduler and RNGs (on every process)
     and return it; ``run_dir`` (process 0 only, else None) drops the logged rows after the
     checkpoint's ``position`` (e.g. ``"epoch"``, ``"iteration"``)."""
@@ -222,7 +234,7 @@ def continue_run(out, run_dir, model, optimizer, scheduler, *, position: str, sc
         raise CheckpointError(f"{path} does not fit the model this run builds: {'; '.join(problems)}. "
                               "Were the data (its class count), the model or the mode changed since the run "
                               "started? Resume with the settings it was started with")
-    restore_training_state(state, model, optimizer, scheduler, scaler)
+    restore_training_state(state, model, optimizer, scheduler, scaler, process)
     if run_dir:
         run_dir.metrics.truncate_after(position, state[position])
         print(f"resuming {run_dir.path} after {position} {state[position]}", flush=True)

@@ -215,7 +215,7 @@ def test_one_process_under_torchrun_trains_as_a_plain_run(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_torchrun_on_a_gpu_trains_with_nccl_and_sync_bn(tmp_path):
+def test_torchrun_on_cuda_trains_with_nccl_and_sync_bn(tmp_path):
     """The README's torchrun command on one GPU: NCCL, DDP and SyncBatchNorm, then evaluation."""
     settings = [s for s in SEG_SETTINGS if s not in ("device=cpu", "deterministic=true")]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
@@ -243,9 +243,9 @@ def test_a_single_process_runs_the_step_directly():
 
 def _worker_signalled(rank: int, world_size: int, port: int, overrides: list[str], signalled_rank: int, step: int,
                       report) -> None:
-    """``_worker`` for segmentation, where process ``signalled_rank`` gets SIGTERM during its
+    """``_worker`` for detection, where process ``signalled_rank`` gets SIGTERM during its
     ``step``-th step; each process reports where it stopped to the folder ``report``."""
-    real_step, calls = seg_train.training_step, []
+    real_step, calls = det_train.training_step, []
 
     def step_with_signal(*args, **kwargs):
         calls.append(1)
@@ -253,21 +253,33 @@ def _worker_signalled(rank: int, world_size: int, port: int, overrides: list[str
             os.kill(os.getpid(), signal.SIGTERM)
         return real_step(*args, **kwargs)
 
-    seg_train.training_step = step_with_signal
+    det_train.training_step = step_with_signal
     try:
-        _worker(rank, world_size, port, "segmentation", overrides)
+        _worker(rank, world_size, port, "detection", overrides)
         stopped = "not stopped"
     except StopRequested as stop:
         stopped = stop.position
     (Path(report) / f"rank{rank}").write_text(stopped)
 
 
-def test_a_signal_to_one_process_stops_all_after_the_same_step(tmp_path):
-    overrides = [*SEG_SETTINGS, "mode=base", "iterations=4", "checkpoint_every=4", f"out={tmp_path / 'ddp'}"]
-    mp.spawn(_worker_signalled, args=(2, _free_port(), overrides, 1, 2, str(tmp_path)), nprocs=2, join=True)
+def test_a_signal_to_one_process_stops_all_and_the_resumed_run_is_exact(tmp_path):
+    """SIGTERM to process 1 stops both after the same step; the resumed run ends with the
+    weights of an uninterrupted one: each process gets back its own RNG state (they differ: the
+    RPN and RoI samplers draw as many numbers as their images have candidate boxes)."""
+    settings = [*_det_settings(tmp_path), "mode=base", "iterations=4", "checkpoint_every=4"]
+    stopped = [*settings, f"out={tmp_path / 'ddp'}"]
+    mp.spawn(_worker_signalled, args=(2, _free_port(), stopped, 1, 2, str(tmp_path)), nprocs=2, join=True)
     assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["iteration 2", "iteration 2"]
-    assert load_checkpoint(tmp_path / "ddp" / "last.pth")["iteration"] == 2  # written by process 0 at the stop
-    mp.spawn(_worker, args=(2, _free_port(), "segmentation", overrides, True), nprocs=2, join=True)
-    assert load_checkpoint(tmp_path / "ddp" / "last.pth")["iteration"] == 4
+    state = load_checkpoint(tmp_path / "ddp" / "last.pth")
+    assert state["iteration"] == 2  # written by process 0 at the stop
+    assert not torch.equal(state["rng_by_process"][0]["torch"], state["rng_by_process"][1]["torch"])
+    mp.spawn(_worker, args=(2, _free_port(), "detection", stopped, True), nprocs=2, join=True)
+    resumed = load_checkpoint(tmp_path / "ddp" / "last.pth")
+    assert resumed["iteration"] == 4
     rows = (tmp_path / "ddp" / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
+    mp.spawn(_worker, args=(2, _free_port(), "detection", [*settings, f"out={tmp_path / 'whole'}"]), nprocs=2,
+             join=True)
+    whole = load_checkpoint(tmp_path / "whole" / "last.pth")["model"]
+    for key, value in whole.items():
+        assert torch.equal(resumed["model"][key], value), key

@@ -7,7 +7,8 @@ import torch
 from afan.config import ConfigError, load_config
 from afan.checkpoint import save_checkpoint
 from afan.distributed import Process
-from afan.rundir import LogWindow, MetricsLog, RunDir, continue_run, perturbation_sizes, progress, training_state
+from afan.rundir import (LogWindow, MetricsLog, RunDir, continue_run, perturbation_sizes, progress, rng_states,
+                         training_state)
 
 
 @dataclass
@@ -179,19 +180,20 @@ def test_continue_run_restores_the_state_and_trims_the_log(tmp_path, capsys):
     run = RunDir(tmp_path / "run")
     for it in (1, 2, 3):
         run.metrics.log(iteration=it, loss=1.0 / it)
-    save_checkpoint(training_state({"model": model.state_dict()}, optimizer, scheduler, {}, iteration=2),
+    save_checkpoint(training_state({"model": model.state_dict()}, optimizer, scheduler, {}, rngs=rng_states(Process()),
+                                   iteration=2),
                     run.last_checkpoint)
     fresh = torch.nn.Linear(2, 2)
     fresh_optimizer = torch.optim.SGD(fresh.parameters(), lr=0.1)
     fresh_scheduler = torch.optim.lr_scheduler.LambdaLR(fresh_optimizer, lambda it: 0.5 ** it)
-    state = continue_run(run.path, run, fresh, fresh_optimizer, fresh_scheduler, position="iteration")
+    state = continue_run(run.path, run, fresh, fresh_optimizer, fresh_scheduler, position="iteration", process=Process())
     assert state["iteration"] == 2 and torch.equal(fresh.weight, model.weight)
     assert [r["iteration"] for r in run.metrics.rows()] == [1, 2]
     assert f"resuming {run.path} after iteration 2" in capsys.readouterr().out
     # Other processes pass no run folder: they restore and touch no file.
     other = torch.nn.Linear(2, 2)
     continue_run(run.path, None, other, torch.optim.SGD(other.parameters(), lr=0.1), fresh_scheduler,
-                 position="iteration")
+                 position="iteration", process=Process())
     assert torch.equal(other.weight, model.weight)
 
 
