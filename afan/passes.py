@@ -1,8 +1,8 @@
 """Several loss passes over the same inputs, each back-propagated as soon as it is computed.
 
-A-FAN runs the tail of the network once per perturbation strength (and once more for SD).
-Summing those losses and back-propagating once keeps every pass's graph alive until the
-end of the step, so memory grows with the number of passes. :func:`backward_each` takes each
+A-FAN runs the tail of the network once per perturbation strength. Summing those losses
+and back-propagating once keeps every pass's graph alive until the end of the step, so
+memory grows with the number of passes. :func:`backward_each` takes each
 pass's gradients (towards the inputs and the parameters) right after its forward pass and
 frees its graph; the sum it returns carries those gradients, so the single backward of the
 step delivers them exactly where the plain sum would have.
