@@ -48,8 +48,9 @@ def afan_step(model, x, y, cfg: AfanConfig) -> StepResult:
 
     # One tail pass per strength, each back-propagated at once (its graph freed).
     with afan.use_aux_bn(model, enabled=cfg.aux_bn):
-        loss_adv, _ = afan.backward_each([h], [strength_loss(i) for i in range(1, cfg.n + 1)], model.parameters())
-    loss = (F.cross_entropy(logits, y) + loss_adv / cfg.n) / 2
+        adversarial_sum, _ = afan.backward_each([h], [strength_loss(i) for i in range(1, cfg.n + 1)],
+                                                model.parameters())
+    loss = (F.cross_entropy(logits, y) + adversarial_sum / cfg.n) / 2
     return StepResult(loss, logits, h_adv - h.detach())
 
 

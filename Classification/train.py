@@ -26,7 +26,7 @@ from afan.cli import train_main
 from afan.config import ConfigError
 from afan.guard import TrainingGuard, guarded_step
 from afan.loading import iteration_batches
-from afan.rundir import RunDir, continue_run, progress, rng_states, training_state, write_summary
+from afan.rundir import RunDir, continue_run, progress, save_training_state, write_summary
 from afan.runtime import compile_parts, grad_scaler, resolve_precision, seed_everything
 from Classification.config import OptimConfig, TrainConfig
 from Classification.data import build_datasets, make_loader
@@ -157,11 +157,8 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
 
     def save_last(**position):
         """Write last.pth at ``position`` (call on every process: they exchange RNG states)."""
-        rngs = rng_states(process)
-        if run_dir:
-            save_checkpoint(training_state(checkpoint_payload(model), optimizer, scheduler, cfg, rngs=rngs,
-                                           scaler=scaler, best_val_acc=best_acc, **guard.counts(always=True),
-                                           **position), run_dir.last_checkpoint)
+        save_training_state(run_dir, process, checkpoint_payload(model), optimizer, scheduler, cfg, scaler=scaler,
+                            best_val_acc=best_acc, **guard.counts(always=True), **position)
 
     with guard:
         for epoch in range(start_epoch, cfg.epochs):

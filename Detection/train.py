@@ -28,7 +28,7 @@ from afan.checkpoint import save_checkpoint
 from afan.cli import train_main
 from afan.guard import TrainingGuard, guarded_step
 from afan.loading import iteration_batches
-from afan.rundir import (LogWindow, RunDir, continue_run, perturbation_sizes, progress, rng_states, training_state,
+from afan.rundir import (LogWindow, RunDir, continue_run, perturbation_sizes, progress, save_training_state,
                          write_summary)
 from afan.runtime import compile_parts, grad_scaler, resolve_precision, seed_everything
 from afan.settings import AdvPropConfig, RunSettings, check_positive
@@ -168,11 +168,8 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
                 if run_dir:
                     run_dir.metrics.log(iteration=done, lr=optimizer.param_groups[0]["lr"], **means, **guard.counts())
             if done % cfg.checkpoint_every == 0 or done == cfg.iterations or guard.stop_requested:
-                rngs = rng_states(process)  # every process, at the same step
-                if run_dir:
-                    save_checkpoint(training_state(checkpoint_payload(model), optimizer, scheduler, cfg, rngs=rngs,
-                                                   scaler=scaler, iteration=done, **guard.counts(always=True)),
-                                    run_dir.last_checkpoint)
+                save_training_state(run_dir, process, checkpoint_payload(model), optimizer, scheduler, cfg,
+                                    scaler=scaler, iteration=done, **guard.counts(always=True))
             if guard.stop_requested:
                 guard.stop(f"iteration {done}")
     if not run_dir:

@@ -26,7 +26,7 @@ from afan.checkpoint import save_checkpoint
 from afan.cli import train_main
 from afan.guard import TrainingGuard, guarded_step
 from afan.loading import iteration_batches
-from afan.rundir import (LogWindow, RunDir, continue_run, perturbation_sizes, progress, rng_states, training_state,
+from afan.rundir import (LogWindow, RunDir, continue_run, perturbation_sizes, progress, save_training_state,
                          write_summary)
 from afan.runtime import compile_parts, grad_scaler, resolve_precision, seed_everything
 from Segmentation.config import OptimConfig, TrainConfig
@@ -152,11 +152,8 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
                     run_dir.metrics.log(iteration=done, lr=optimizer.param_groups[-1]["lr"], **means,
                                         **{f"val_{k}": v for k, v in scores.items()}, **guard.counts())
             if done % cfg.checkpoint_every == 0 or done == cfg.iterations or guard.stop_requested:
-                rngs = rng_states(process)  # every process, at the same step
-                if run_dir:
-                    save_checkpoint(training_state(checkpoint_payload(model), optimizer, scheduler, cfg, rngs=rngs,
-                                                   scaler=scaler, iteration=done, best_miou=best,
-                                                   **guard.counts(always=True)), run_dir.last_checkpoint)
+                save_training_state(run_dir, process, checkpoint_payload(model), optimizer, scheduler, cfg,
+                                    scaler=scaler, iteration=done, best_miou=best, **guard.counts(always=True))
             # The other processes' next step (its gradient averaging) waits for process 0 here.
             if guard.stop_requested:
                 guard.stop(f"iteration {done}")

@@ -107,8 +107,9 @@ def guarded_step(run_step, batch, guard: TrainingGuard, *, optimizer, scheduler,
     """One training step: ``run_step(*batch)`` in the run's precision, the guard's check of its
     loss, the update (unless the step is skipped) and the schedule's step. Returns its result,
     whose ``losses`` (where it has them) name the terms in a non-finite-loss message."""
-    # The fp16 loss scale reaches the passes that take their gradients early (afan.passes).
-    with autocast(precision, device), loss_scale(scaler.get_scale() if scaler.is_enabled() else 1.0):
+    # The fp16 loss scale (1.0 without fp16) reaches the passes that take their gradients early
+    # (afan.passes).
+    with autocast(precision, device), loss_scale(scaler.get_scale()):
         result = run_step(*batch)
     if guard.accept(result.loss, getattr(result, "losses", {}), where):
         optimizer_step(result.loss, optimizer, scaler)

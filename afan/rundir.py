@@ -17,7 +17,8 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from afan.checkpoint import CheckpointError, atomic_open, key_mismatches, load_checkpoint, remove_partial_writes
+from afan.checkpoint import (CheckpointError, atomic_open, key_mismatches, load_checkpoint, remove_partial_writes,
+                             save_checkpoint)
 from afan import distributed
 from afan.config import ConfigError, config_to_dict, save_config
 from afan.runtime import rng_state, set_rng_state
@@ -189,25 +190,29 @@ def progress(iterable=None, *, total=None, desc=None, disable=None, **kwargs):
     return tqdm(iterable, total=total, desc=desc, disable=disable, **kwargs)
 
 
-def rng_states(process) -> list[dict]:
-    """Every process's RNG state, in rank order, for :func:`training_state` (every process
-    must call it at the same step: they exchange their states)."""
-    return distributed.gather(rng_state(), process)
-
-
 def training_state(payload: dict, optimizer, scheduler, cfg, *, rngs: list[dict], scaler=None,
                    **progress_marks) -> dict:
     """What ``last.pth`` holds to continue a run exactly: the model ``payload`` (the task's
-    checkpoint format), optimizer, scheduler, fp16 grad scaler, the RNG states ``rngs`` (from
-    :func:`rng_states`: one per process, so each process of a torchrun resume draws on as it
-    would have), the config and the position (e.g. ``epoch=``, ``iteration=``)."""
+    checkpoint format), optimizer, scheduler, fp16 grad scaler, the RNG states ``rngs`` (one
+    per process, in rank order, so each process of a torchrun resume draws on as it would
+    have), the config and the position (e.g. ``epoch=``, ``iteration=``)."""
     scaler_state = {"scaler": scaler.state_dict()} if scaler is not None and scaler.is_enabled() else {}
     by_process = {"rng_by_process": rngs} if len(rngs) > 1 else {}
     return {**payload, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **scaler_state,
             "rng": rngs[0], **by_process, "config": config_to_dict(cfg), **progress_marks}
 
 
-def restore_training_state(state: dict, model, optimizer, scheduler, scaler=None, process=None) -> None:
+def save_training_state(run_dir, process, payload: dict, optimizer, scheduler, cfg, *, scaler=None,
+                        **progress_marks) -> None:
+    """Write ``last.pth`` (a :func:`training_state`) into ``run_dir`` (process 0's; None on the
+    others). Every process calls it at the same step: they exchange their RNG states."""
+    rngs = distributed.gather(rng_state(), process)
+    if run_dir:
+        save_checkpoint(training_state(payload, optimizer, scheduler, cfg, rngs=rngs, scaler=scaler, **progress_marks),
+                        run_dir.last_checkpoint)
+
+
+def restore_training_state(state: dict, model, optimizer, scheduler, scaler, process) -> None:
     """Put a ``training_state`` back into fresh model, optimizer, scheduler, scaler and RNGs:
     each process takes its own RNG state when the run had as many processes, else process 0's."""
     model.load_state_dict(state["model"])  # continue_run has checked that it fits
@@ -216,7 +221,7 @@ def restore_training_state(state: dict, model, optimizer, scheduler, scaler=None
     if scaler is not None and "scaler" in state:
         scaler.load_state_dict(state["scaler"])
     by_process = state.get("rng_by_process", [])
-    same_processes = process is not None and len(by_process) == process.world_size
+    same_processes = len(by_process) == process.world_size
     set_rng_state(by_process[process.rank] if same_processes else state["rng"])
 
 

@@ -5,10 +5,9 @@ import pytest
 import torch
 
 from afan.config import ConfigError, load_config
-from afan.checkpoint import save_checkpoint
 from afan.distributed import Process
-from afan.rundir import (LogWindow, MetricsLog, RunDir, continue_run, perturbation_sizes, progress, rng_states,
-                         training_state)
+from afan.rundir import (LogWindow, MetricsLog, RunDir, continue_run, perturbation_sizes, progress,
+                         save_training_state)
 
 
 @dataclass
@@ -180,9 +179,7 @@ def test_continue_run_restores_the_state_and_trims_the_log(tmp_path, capsys):
     run = RunDir(tmp_path / "run")
     for it in (1, 2, 3):
         run.metrics.log(iteration=it, loss=1.0 / it)
-    save_checkpoint(training_state({"model": model.state_dict()}, optimizer, scheduler, {}, rngs=rng_states(Process()),
-                                   iteration=2),
-                    run.last_checkpoint)
+    save_training_state(run, Process(), {"model": model.state_dict()}, optimizer, scheduler, {}, iteration=2)
     fresh = torch.nn.Linear(2, 2)
     fresh_optimizer = torch.optim.SGD(fresh.parameters(), lr=0.1)
     fresh_scheduler = torch.optim.lr_scheduler.LambdaLR(fresh_optimizer, lambda it: 0.5 ** it)
