@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from afan import settings
-from afan.settings import RunSettings, check_nonnegative, check_positive, check_strengths
+from afan.settings import ReleaseSwitches, RunSettings, check_nonnegative, check_positive, check_strengths
 
 from Classification.data import DataConfig
 
@@ -35,9 +35,10 @@ class OptimConfig:
 
 
 @dataclass
-class AfanConfig:
-    """Feature PGD after ``layer`` (DESIGN.md items 1-3, 5-6). Step size and radius are in
-    units of 1/255, as released: step_size = gamma / 255, eps = eps / 255."""
+class AfanConfig(ReleaseSwitches):
+    """Feature PGD after ``layer``. Step size and radius are in units of 1/255, as released:
+    step_size = gamma / 255, eps = eps / 255. ``attack_bn_stats`` and ``se_trains_head``: see
+    ``afan.settings.ReleaseSwitches``."""
 
     layer: str = "layer1"
     steps: int = 5
@@ -64,7 +65,11 @@ class AdvPropConfig(settings.AdvPropConfig):
 @dataclass
 class TrainConfig(RunSettings):
     mode: Literal["base", "afan", "advprop"] = "base"
-    model: str = "resnet56"
+    model: str = "resnet56"  # EfficientNets take timm's weights tags: tf_efficientnet_b0.ap_in1k
+    # Input mean/std inside the model: "auto" = the model's own (CIFAR-10 for ResNet-s,
+    # ImageNet for torchvision ResNets, the weights tag's for EfficientNets: 0.5 for
+    # .ap_in1k, ImageNet otherwise); "imagenet" or "half" (mean = std = 0.5) for any model.
+    input_norm: Literal["auto", "imagenet", "half"] = "auto"
     epochs: int = 200
     batch_size: int = 128
     out: str = "runs/classification"

@@ -31,25 +31,38 @@ def base_step(model, x, y) -> StepResult:
 
 
 def afan_step(model, x, y, cfg: AfanConfig) -> StepResult:
-    """``(L_clean + mean_i L(tail(h_i))) / 2`` with ``h_i`` the strengths of a feature PGD."""
+    """``(L_clean + mean_i L(tail(h_i))) / 2`` with ``h_i`` the strengths of a feature PGD.
+
+    By default this is the release's step (``main_perturb.py``): the attack's passes update
+    BN running statistics, the strengths start from the clean feature detached, and the
+    tail runs the attack, then the adversarial pass, then the clean pass. One difference
+    is kept: the release runs the head twice on the same images (feature, then the clean
+    full pass), so its head BN layers take two identical running-statistics updates per
+    step; here the clean pass reuses the feature, one head pass and one update.
+    """
     at = cfg.layer
     h = model.head(x, at)
-    logits = model.tail(h, at)
 
     def adversarial_loss(feature):
         return F.cross_entropy(model.tail(feature, at), y)
 
-    with afan.frozen_bn_stats(model), afan.use_aux_bn(model, enabled=cfg.aux_bn):
+    with afan.frozen_bn_stats(model, cfg.freeze_attack_bn), afan.use_aux_bn(model, enabled=cfg.aux_bn):
         h_adv = afan.feature_pgd(h, adversarial_loss, steps=cfg.steps, step_size=cfg.gamma / 255,
                                  eps=cfg.eps / 255, norm=cfg.norm, random_start=cfg.random_start,
                                  project=cfg.project)
+
     def strength_loss(i):
         return lambda clean: adversarial_loss(afan.mixed_strength(clean, h_adv, i, cfg.mask, dim=MIX_DIMS[cfg.mix_dim]))
 
     # One tail pass per strength, each back-propagated at once (its graph freed).
     with afan.use_aux_bn(model, enabled=cfg.aux_bn):
-        adversarial_sum, _ = afan.backward_each([h], [strength_loss(i) for i in range(1, cfg.n + 1)],
+        # As released, the strengths start from the clean feature detached (see se_trains_head).
+        clean = h if cfg.se_trains_head else h.detach()
+        adversarial_sum, _ = afan.backward_each([clean], [strength_loss(i) for i in range(1, cfg.n + 1)],
                                                 model.parameters())
+    # The clean tail pass comes last, as released, so that the tail's BN running statistics
+    # take the release's updates in the release's order.
+    logits = model.tail(h, at)
     loss = (F.cross_entropy(logits, y) + adversarial_sum / cfg.n) / 2
     return StepResult(loss, logits, h_adv - h.detach())
 

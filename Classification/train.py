@@ -50,7 +50,10 @@ def memory_format(cfg: TrainConfig) -> torch.memory_format:
 
 
 def build_model(cfg: TrainConfig, num_classes: int, device) -> torch.nn.Module:
-    model = create_model(cfg.model, num_classes)
+    try:
+        model = create_model(cfg.model, num_classes, input_norm=cfg.input_norm)
+    except ValueError as error:  # an unknown name or weights tag
+        raise ConfigError(f"model={cfg.model!r}: {error}") from None
     if cfg.mode == "afan" and cfg.afan.layer not in model.split_points:
         raise ConfigError(f"afan.layer={cfg.afan.layer!r} is not a split point of {cfg.model}; "
                           f"valid: {', '.join(model.split_points)}")

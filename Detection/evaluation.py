@@ -45,13 +45,23 @@ def _array(value, dtype, shape=None) -> np.ndarray:
 # Pascal VOC
 
 
+# VOC2007's 11 recall thresholds as the devkit's MATLAB loop ``for t=0:0.1:1`` (VOCevaldet.m)
+# makes them. MATLAB's colon operator builds the first half of a range as ``a + k*d`` and the
+# second as ``b - k*d``: 0.3 is 3 * 0.1 = 0.30000000000000004, while 0.6 = 1 - 4 * 0.1 and
+# 0.7 = 1 - 3 * 0.1 are the doubles nearest 0.6 and 0.7. (The release's thresholds,
+# ``k * 0.1`` as ``np.linspace(0, 1, 11)`` makes them, are 0.6000000000000001 and
+# 0.7000000000000001 there, which skip a recall of exactly 0.6 or 0.7.)
+VOC07_THRESHOLDS = np.array([k * 0.1 for k in range(6)] + [1.0 - k * 0.1 for k in range(4, -1, -1)])
+
+
 def voc_ap(recall, precision, use_07_metric: bool) -> float:
     """Average precision from the recall and precision of the ranked detections.
 
     ``use_07_metric=True``: VOC2007's 11-point interpolation, the mean over t = 0, 0.1, ..., 1
-    of the highest precision at recall >= t (0 where no such point).  ``False`` (VOC2010+):
-    the area under the precision envelope (precision made monotonically non-increasing from
-    the right), summed over the recall steps.
+    (``VOC07_THRESHOLDS``, the devkit's values) of the highest precision at recall >= t (0
+    where no such point).  ``False`` (VOC2010+): the area under the precision envelope
+    (precision made monotonically non-increasing from the right), summed over the recall
+    steps.
     """
     recall = np.asarray(recall, dtype=np.float64).reshape(-1)
     precision = np.asarray(precision, dtype=np.float64).reshape(-1)
@@ -59,7 +69,7 @@ def voc_ap(recall, precision, use_07_metric: bool) -> float:
         raise ValueError(f"recall and precision differ in length ({recall.size} vs {precision.size})")
     if use_07_metric:
         ap = 0.0
-        for t in np.linspace(0.0, 1.0, 11):
+        for t in VOC07_THRESHOLDS:
             above = precision[recall >= t]
             ap += (above.max() if above.size else 0.0) / 11.0
         return float(ap)

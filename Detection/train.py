@@ -45,7 +45,7 @@ class OptimConfig:
 
     lr: float = 0.008
     momentum: float = 0.9
-    weight_decay: float = 1e-4
+    weight_decay: float = 5e-4  # the VOC2007 release (its train_config.py); COCO: 1e-4
     steps: list[int] = field(default_factory=lambda: [6250, 8750])
     decay: float = 0.1
     warmup_iters: int = 500
@@ -89,10 +89,8 @@ def lr_factor(iteration: int, cfg: OptimConfig) -> float:
 
 
 def build_model(cfg: TrainConfig, num_classes: int, device) -> torch.nn.Module:
-    m = cfg.model
-    model = create_model(m.name, num_classes, min_size=m.min_size, max_size=m.max_size,
-                         anchor_sizes=tuple(m.anchor_sizes), trainable_layers=m.trainable_layers, norm=m.norm,
-                         roi_batch_size=m.roi_batch_size, representation_size=m.representation_size)
+    model = create_model(cfg.model.name, num_classes, backbone_weights=cfg.model.backbone_weights or None,
+                         **cfg.model.settings())
     if cfg.mode == "afan" and cfg.afan.aux_bn:
         afan.convert_aux_bn(model, after=f"backbone.body.{cfg.afan.se_layer}")
     elif cfg.mode == "advprop":

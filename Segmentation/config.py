@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from afan.settings import AdvPropConfig, RunSettings, check_nonnegative, check_positive, check_strengths
+from afan.settings import AdvPropConfig, ReleaseSwitches, RunSettings, check_nonnegative, check_positive, check_strengths
 from Segmentation.data import DataConfig
-from Segmentation.models.deeplab import MODEL_NAMES, OUTPUT_STRIDES, SPLIT_POINTS
+from Segmentation.models.deeplab import MODEL_NAMES, OUTPUT_STRIDES, SD_LAYERS, SPLIT_POINTS
 
 
 @dataclass
@@ -18,19 +18,27 @@ class ModelConfig:
     # A torchvision ImageNet state dict of the backbone (resnet50-*.pth, mobilenet_v2-*.pth),
     # read from disk; the released runs start from one. Empty: random initialisation.
     backbone_weights: str = ""
+    # Running-statistics momentum of the backbone's BatchNorms; the release's 0.01
+    # (PyTorch's default, which the decoder keeps, is 0.1).
+    backbone_bn_momentum: float = 0.01
 
     def __post_init__(self):
         if self.name not in MODEL_NAMES:
             raise ValueError(f"model.name={self.name!r} is not valid; choose one of {', '.join(MODEL_NAMES)}")
         if self.output_stride not in OUTPUT_STRIDES:
             raise ValueError(f"model.output_stride={self.output_stride!r} is not valid; use 8 or 16")
+        if not 0 < self.backbone_bn_momentum <= 1:
+            raise ValueError(f"model.backbone_bn_momentum={self.backbone_bn_momentum!r} is not valid; use a number "
+                             "in (0, 1], e.g. 0.01 (the release) or 0.1 (PyTorch's default)")
 
 
 @dataclass
 class OptimConfig:
-    """SGD (as released) or AdamW with the poly schedule ``lr * (1 - it / iterations) ** power``;
-    the backbone learns at ``backbone_lr_factor`` times the rate (DeepLabV3Plus-Pytorch: 0.1).
-    AdamW ignores ``momentum``; it is there for short runs from random weights (Shapes)."""
+    """SGD (as released) or AdamW with DeepLabV3Plus-Pytorch's poly schedule: each parameter
+    group at ``max(base * (1 - it / iterations) ** power, min_lr)``; the backbone's base rate
+    is ``backbone_lr_factor`` times ``lr`` (DeepLabV3Plus-Pytorch: 0.1), and a group whose
+    base rate is 0 stays at 0. AdamW ignores ``momentum``; it is there for short runs from
+    random weights (Shapes)."""
 
     name: Literal["sgd", "adamw"] = "sgd"
     lr: float = 0.01
@@ -38,24 +46,27 @@ class OptimConfig:
     weight_decay: float = 1e-4
     power: float = 0.9
     backbone_lr_factor: float = 0.1
+    min_lr: float = 1e-6  # the schedule's floor (DeepLabV3Plus-Pytorch's PolyLR); 0: none
 
     def __post_init__(self):
         if self.name not in ("sgd", "adamw"):
             raise ValueError(f"optim.name={self.name!r} is not valid; choose sgd or adamw")
         if self.lr <= 0 or self.power < 0 or self.backbone_lr_factor < 0:
             raise ValueError("optim.lr must be > 0, optim.power and optim.backbone_lr_factor >= 0")
-        if self.weight_decay < 0 or self.momentum < 0:
-            raise ValueError("optim.weight_decay and optim.momentum must be >= 0")
+        if self.weight_decay < 0 or self.momentum < 0 or self.min_lr < 0:
+            raise ValueError("optim.weight_decay, optim.momentum and optim.min_lr must be >= 0")
 
 
 @dataclass
-class AfanConfig:
-    """A-FAN for DeepLabv3+ (DESIGN.md items 1-6), the VOC2012 release's settings.
+class AfanConfig(ReleaseSwitches):
+    """A-FAN for DeepLabv3+, the VOC2012 release's settings (``attack_bn_stats``,
+    ``se_trains_head``: see ``afan.settings.ReleaseSwitches``).
 
     SE: feature PGD after backbone stage ``se_layer``, ``se_steps`` steps of
     ``gamma_se / 255`` (no random start, no projection, as released), ``n`` strengths mixed
-    by ``mask``. SD: PGD on the ASPP output, ``sd_steps`` steps of ``gamma_sd / 255``;
-    ``sd_mix`` re-normalises the clean ASPP output with the adversarial statistics,
+    by ``mask``. SD: PGD on ``sd_layer``, the ASPP output (``aspp``, the VOC release) or the
+    decoder's concatenated feature (``concat``, the Cityscapes release), ``sd_steps`` steps of
+    ``gamma_sd / 255``; ``sd_mix`` re-normalises the clean SD feature with the adversarial statistics,
     ``sd_noise`` adds uniform noise in ``[-1, 1] * gamma_sd * sd_noise``. Loss:
     ``(1 - w) L_0 + w / k * (L_1 + ... + L_n + L_sd)`` with ``k`` adversarial terms; the
     release's ``w = 0.3``, ``n = 2`` gives ``0.7 L_0 + 0.1 L_1 + 0.1 L_2 + 0.1 L_sd``.
@@ -67,6 +78,7 @@ class AfanConfig:
     n: int = 2
     mask: str = "11"
     sd: bool = True
+    sd_layer: str = "aspp"
     sd_steps: int = 1
     gamma_sd: float = 0.4
     sd_mix: bool = False
@@ -77,25 +89,32 @@ class AfanConfig:
     def __post_init__(self):
         if self.se_layer not in SPLIT_POINTS:
             raise ValueError(f"afan.se_layer must be one of {list(SPLIT_POINTS)}, got {self.se_layer!r}")
+        if self.sd_layer not in SD_LAYERS:
+            raise ValueError(f"afan.sd_layer must be one of {list(SD_LAYERS)}, got {self.sd_layer!r}")
         check_nonnegative(self, "afan", ("se_steps", "sd_steps", "gamma_se", "gamma_sd", "sd_noise"))
         check_strengths(self)
 
 
 @dataclass
 class EvalConfig:
-    """How the validation images are predicted: ``whole`` images at once, or ``sliding``
-    ``crop``-sized windows every ``stride`` pixels, their logits averaged where they overlap."""
+    """How the validation images are predicted: ``whole`` images at once; ``crop``, the
+    release's ``--crop_val``: image and mask resized so the shorter side is ``crop`` pixels
+    (image bilinear, mask nearest), then their centre ``crop`` x ``crop`` scored; or
+    ``sliding`` ``crop``-sized windows every ``stride`` pixels, their logits averaged where
+    they overlap."""
 
-    mode: Literal["whole", "sliding"] = "whole"
+    mode: Literal["whole", "crop", "sliding"] = "whole"
     crop: int = 513
     stride: int = 341
     batch_size: int = 1  # validation images of real data sets differ in size
     save_images: int = 4  # colourised predictions written at the end
 
     def __post_init__(self):
-        if self.mode not in ("whole", "sliding"):
-            raise ValueError(f"eval.mode={self.mode!r} is not valid; use whole or sliding")
-        if not 0 < self.stride <= self.crop:
+        if self.mode not in ("whole", "crop", "sliding"):
+            raise ValueError(f"eval.mode={self.mode!r} is not valid; use whole, crop or sliding")
+        if self.crop < 1:
+            raise ValueError(f"eval.crop must be >= 1, got {self.crop}")
+        if self.mode == "sliding" and not 0 < self.stride <= self.crop:
             raise ValueError(f"eval.stride must be in (0, eval.crop], got stride {self.stride}, crop {self.crop}")
         if self.batch_size < 1 or self.save_images < 0:
             raise ValueError("eval.batch_size must be >= 1 and eval.save_images >= 0")

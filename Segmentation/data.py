@@ -9,12 +9,17 @@ normalised (the model normalises inside), ``mask`` an int64 tensor [H, W] of cla
 ``0..C-1`` with 255 for pixels to ignore (VOC's object boundaries, Cityscapes' unlabelled
 classes, the padding of training crops).
 
-Validation sets return every image at its own size, untouched.  Training sets apply, to image
-and mask together, a random scale by a factor drawn uniformly from ``scale_range`` (image
-bilinear, mask nearest; ``[1, 1]`` turns it off), a random ``crop_size`` x ``crop_size`` crop
-(after padding the image with 0 and the mask with 255 where it is smaller; ``crop_size = 0``
-turns it off) and a random horizontal flip (``flip``).  All of it draws from torch's RNG, so
-the seeded workers of :func:`make_loader` replay the same augmentations.
+Validation sets return every image at its own size, untouched (:func:`center_crop_view` gives
+the release's ``--crop_val`` view of one).  Training sets apply, to image and mask together, a
+random scale by a factor drawn uniformly from ``scale_range`` (``[1, 1]`` turns it off), a
+random ``crop_size`` x ``crop_size`` crop (after padding the image with 0 and the mask with 255
+where it is smaller; ``crop_size = 0`` turns it off), colour jitter of the image alone
+(``color_jitter``, the Cityscapes release's) and a random horizontal flip (``flip``).  All of it
+draws from torch's RNG, so the seeded workers of :func:`make_loader` replay the same
+augmentations.  Wherever an image is resized it is interpolated bilinearly (antialiased when
+shrinking) and its mask by ``NEAREST_EXACT``, the pixel-centre aligned nearest neighbour (like
+PIL's ``NEAREST``, which the release used; torch's plain ``NEAREST`` shifts labels by up to one
+source pixel at non-integer scales).
 
 Splits:
 
@@ -50,7 +55,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 
 from afan import loading
@@ -59,7 +64,8 @@ from afan.shapes import MIN_IMAGE_SIZE, SHAPE_CLASSES, ShapesDataset
 
 __all__ = [
     "DataConfig", "DataError", "Splits", "SegmentationFiles", "ShapesSegmentation", "RandomScale",
-    "train_transform", "load_mask", "voc_dataset", "cityscapes_dataset", "build_datasets", "collate",
+    "resize", "train_transform", "center_crop_view", "load_mask", "voc_dataset", "cityscapes_dataset",
+    "build_datasets", "collate",
     "make_loader", "voc_palette", "IGNORE_INDEX", "VOC_CLASSES", "CITYSCAPES_CLASSES",
     "CITYSCAPES_PALETTE", "CITYSCAPES_LABEL_TO_TRAIN",
 ]
@@ -117,6 +123,9 @@ class DataConfig:
     crop_size: int = 513  # side of the training crops (VOC release; Cityscapes 768); 0: no crop
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])  # random scale; [1, 1]: none
     flip: bool = True  # random horizontal flip of the training images (and masks)
+    # Brightness, contrast and saturation jitter of the training images (torchvision's
+    # ColorJitter; the Cityscapes release: 0.5); 0: none.
+    color_jitter: float = 0.0
     workers: int = 2  # DataLoader worker processes
 
     def __post_init__(self) -> None:
@@ -150,6 +159,10 @@ class DataConfig:
             )
         if not isinstance(self.flip, bool):
             raise ValueError(f"data.flip={self.flip!r} is not valid; use true or false")
+        if (not isinstance(self.color_jitter, (int, float)) or isinstance(self.color_jitter, bool)
+                or not 0 <= self.color_jitter < 1):
+            raise ValueError(f"data.color_jitter={self.color_jitter!r} is not valid; use a number in [0, 1), "
+                             "e.g. 0.5 (the Cityscapes release) or 0 for none")
 
 
 @dataclass
@@ -166,12 +179,19 @@ class Splits:
 # Joint transforms
 
 
+def resize(inpt, size: list[int]):
+    """``F.resize`` of an image (bilinear, antialiased when shrinking) or of a
+    ``tv_tensors.Mask`` (``NEAREST_EXACT``: each output pixel takes the label under its
+    centre, like PIL's ``NEAREST``)."""
+    exact = isinstance(inpt, tv_tensors.Mask)
+    return F.resize(inpt, size, interpolation=InterpolationMode.NEAREST_EXACT if exact else InterpolationMode.BILINEAR)
+
+
 class RandomScale(v2.Transform):
     """Resize image and mask by one factor drawn uniformly from ``[low, high]`` (torch RNG).
 
     torchvision's ``v2.RandomResize`` draws a side length, not a factor of the image's own
-    size, hence this class.  ``F.resize`` interpolates a ``tv_tensors.Image`` bilinearly (with
-    antialiasing when shrinking) and a ``tv_tensors.Mask`` by nearest neighbour.
+    size, hence this class; :func:`resize` interpolates.
     """
 
     def __init__(self, low: float, high: float) -> None:
@@ -184,7 +204,18 @@ class RandomScale(v2.Transform):
     def transform(self, inpt, params: dict):
         height, width = inpt.shape[-2:]
         size = [max(1, round(height * params["factor"])), max(1, round(width * params["factor"]))]
-        return F.resize(inpt, size)
+        return resize(inpt, size)
+
+
+class ShorterSide(v2.Transform):
+    """Resize image and mask so that their shorter side is ``size`` pixels (:func:`resize`)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def transform(self, inpt, params: dict):
+        return resize(inpt, [self.size])  # one number: the shorter side, as torchvision reads it
 
 
 def train_transform(cfg: DataConfig) -> Optional[v2.Compose]:
@@ -195,9 +226,32 @@ def train_transform(cfg: DataConfig) -> Optional[v2.Compose]:
     if cfg.crop_size > 0:
         fill = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}
         steps.append(v2.RandomCrop(cfg.crop_size, pad_if_needed=True, fill=fill))
+    if cfg.color_jitter:
+        strength = cfg.color_jitter  # masks pass ColorJitter untouched
+        steps.append(v2.ColorJitter(brightness=strength, contrast=strength, saturation=strength))
     if cfg.flip:
         steps.append(v2.RandomHorizontalFlip())
     return v2.Compose(steps) if steps else None
+
+
+class _Transformed(Dataset):
+    """The items of ``dataset`` through a further joint transform."""
+
+    def __init__(self, dataset: Dataset, transform: v2.Compose) -> None:
+        self.dataset = dataset
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        return _apply(self.transform, *self.dataset[index])
+
+
+def center_crop_view(dataset: Dataset, size: int) -> Dataset:
+    """``dataset`` as the release's ``--crop_val`` validates on it: every image and mask
+    resized so that the shorter side is ``size`` pixels, then their centre ``size`` x ``size``."""
+    return _Transformed(dataset, v2.Compose([ShorterSide(size), v2.CenterCrop(size)]))
 
 
 def _apply(transform: Optional[v2.Compose], image: torch.Tensor, mask: torch.Tensor):

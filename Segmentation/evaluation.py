@@ -1,6 +1,6 @@
-"""Predict a segmentation validation set and score it: whole-image or sliding-window
-inference, the confusion-matrix metrics of ``Segmentation.metrics``, per-class IoU as CSV and
-a few colourised predictions as PNG."""
+"""Predict a segmentation validation set and score it: whole-image, centre-crop (the
+release's ``--crop_val``) or sliding-window inference, the confusion-matrix metrics of
+``Segmentation.metrics``, per-class IoU as CSV and a few colourised predictions as PNG."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,7 +12,7 @@ from torch import Tensor
 
 from afan.rundir import progress
 from Segmentation.config import EvalConfig
-from Segmentation.data import make_loader
+from Segmentation.data import center_crop_view, make_loader
 from Segmentation.metrics import SegmentationMetric, colorize, write_per_class_csv
 
 
@@ -42,7 +42,7 @@ def predict(model, images: Tensor, num_classes: int, cfg: EvalConfig) -> Tensor:
     """Class ids ``[N, H, W]`` for a batch of [0, 1] images."""
     if cfg.mode == "sliding":
         logits = sliding_logits(model, images, num_classes, cfg.crop, cfg.stride)
-    else:
+    else:  # whole images, or the centre crops `evaluate` prepares for mode "crop"
         logits = model(images)
     return logits.argmax(dim=1)
 
@@ -68,7 +68,10 @@ def evaluate(model, dataset, device, num_classes: int, cfg: EvalConfig, *, pictu
              palette=None, workers: int = 0) -> dict:
     """Scores of ``model`` on ``dataset`` (see ``Segmentation.metrics.scores``); with
     ``pictures_dir``, the first ``cfg.save_images`` images are saved with ground truth and
-    prediction as ``pred_<k>.png``."""
+    prediction as ``pred_<k>.png``. ``cfg.mode="crop"`` scores the centre crops of
+    ``Segmentation.data.center_crop_view`` instead of the whole images."""
+    if cfg.mode == "crop":
+        dataset = center_crop_view(dataset, cfg.crop)
     was_training = model.training
     model.eval()
     metric = SegmentationMetric(num_classes)

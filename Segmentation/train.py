@@ -36,12 +36,19 @@ from Segmentation.models import checkpoint_payload, create_model
 from Segmentation.models.loading import load_backbone_weights
 from Segmentation.steps import IGNORE_INDEX, advprop_step, afan_step, base_step
 
-TRACE_SIZE = 65  # side of the example image that traces which BatchNorms A-FAN's feature reaches
-
 
 def lr_factor(iteration: int, iterations: int, cfg: OptimConfig) -> float:
     """The poly schedule ``(1 - iteration / iterations) ** power``."""
     return (1 - iteration / iterations) ** cfg.power
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, iterations: int, cfg: OptimConfig):
+    """DeepLabV3Plus-Pytorch's PolyLR: every parameter group at
+    ``max(base * lr_factor, cfg.min_lr)``, ``base`` its rate when the optimizer was made."""
+    def floored(base):
+        # LambdaLR multiplies the base rate by the factor; a group at rate 0 stays at 0.
+        return lambda it: max(lr_factor(it, iterations, cfg), cfg.min_lr / base) if base else 0.0
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [floored(g["lr"]) for g in optimizer.param_groups])
 
 
 def memory_format(cfg: TrainConfig) -> torch.memory_format:
@@ -52,11 +59,10 @@ def build_model(cfg: TrainConfig, num_classes: int, device) -> torch.nn.Module:
     model = create_model(cfg.model.name, num_classes, output_stride=cfg.model.output_stride)
     if cfg.model.backbone_weights:
         load_backbone_weights(model, cfg.model.backbone_weights)
+    # Before any auxiliary BN is made: its branches copy the momentum of the layer they replace.
+    model.set_backbone_bn_momentum(cfg.model.backbone_bn_momentum)
     if cfg.mode == "afan" and cfg.afan.aux_bn:
-        # The decoder also reads the low-level feature: trace which BatchNorms the perturbed
-        # feature really reaches instead of taking every layer registered after it.
-        afan.convert_aux_bn(model, after=model.split_module(cfg.afan.se_layer),
-                            example_input=torch.rand(2, 3, TRACE_SIZE, TRACE_SIZE))
+        model.convert_aux_bn(cfg.afan.se_layer)
     elif cfg.mode == "advprop":
         afan.convert_aux_bn(model)
     model = model.to(device, memory_format=memory_format(cfg))
@@ -102,7 +108,7 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
     # Only process 0 writes; the others read the checkpoint they resume from.
     run_dir = RunDir(cfg.out, resume=resume, overwrite=overwrite) if process.is_main else None
     optimizer = make_optimizer(model, cfg.optim)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg.iterations, cfg.optim))
+    scheduler = make_scheduler(optimizer, cfg.iterations, cfg.optim)
 
     precision = resolve_precision(cfg.precision, device)
     scaler = grad_scaler(precision, device)

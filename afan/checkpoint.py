@@ -115,6 +115,17 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     return checkpoint
 
 
+def load_state_dict(path) -> dict:
+    """The tensors of a plain state dict file, e.g. torchvision's ImageNet weights; also one
+    wrapped as ``{"state_dict": ...}``, with DataParallel's ``module.`` prefixes dropped."""
+    checkpoint = load_checkpoint(path)
+    state = checkpoint["state_dict"] if isinstance(checkpoint.get("state_dict"), Mapping) else checkpoint
+    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} is not a state dict (a dict of tensors); its top-level keys are "
+                              f"{list(checkpoint)[:5]}")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
 def _unreadable(path, error) -> CheckpointError:
     # torch's own text for bytes that are no pickle is a long advice about weights_only that
     # does not apply here.

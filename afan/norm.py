@@ -29,8 +29,9 @@ def mix_statistics(clean: torch.Tensor, adv: torch.Tensor, *, dim: Dim = 1, eps:
 
     ``dim=1`` (the release) takes mean and standard deviation across channels at every
     position; ``dim=(0, 2, 3)`` is the BatchNorm-style variant, per channel over batch and
-    space. ``sigma = sqrt(var + eps)`` with the biased variance, as BatchNorm uses it. The
-    result is computed in at least float32 and stays differentiable in both inputs.
+    space. ``sigma = sqrt(var + eps)`` with the unbiased variance (``correction=1``), as the
+    release computes it (``Tensor.var``). The result is computed in at least float32 and stays
+    differentiable in both inputs.
     """
     if clean.shape != adv.shape:
         raise ValueError(
@@ -41,7 +42,7 @@ def mix_statistics(clean: torch.Tensor, adv: torch.Tensor, *, dim: Dim = 1, eps:
     clean, adv = clean.to(dtype), adv.to(dtype)
 
     def moments(t):
-        var, mean = torch.var_mean(t, dim=dim, keepdim=True, correction=0)
+        var, mean = torch.var_mean(t, dim=dim, keepdim=True, correction=1)
         return mean, torch.sqrt(var + eps)
 
     clean_mean, clean_std = moments(clean)
@@ -209,15 +210,16 @@ def use_aux_bn(model: nn.Module, split: Optional[int] = None, enabled: bool = Tr
 
 
 @contextlib.contextmanager
-def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
+def frozen_bn_stats(model: nn.Module, enabled: bool = True) -> Iterator[None]:
     """Forward passes inside use BN batch statistics as usual but update no running stats.
 
     Running mean, variance and ``num_batches_tracked`` of every BatchNorm (main and
     auxiliary) stay as they are: with ``track_running_stats`` off, PyTorch's BatchNorm
     normalises a training-mode batch with its own statistics and skips the update, while
-    eval mode still reads the running statistics.
+    eval mode still reads the running statistics. ``enabled=False`` changes nothing (the
+    release's attack passes, which update the running statistics like any training pass).
     """
-    layers = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    layers = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats] if enabled else []
     try:
         for layer in layers:
             layer.track_running_stats = False

@@ -48,6 +48,11 @@ class _TakenGradients(torch.autograd.Function):
         return (None, None, *(None if g is None else g * grad_total for g in ctx.gradients))
 
 
+def _at_least_float32(t: Tensor) -> Tensor:
+    """Half-precision sums lose the small terms; float64 stays float64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def backward_each(inputs: Sequence[Tensor], losses: Sequence[Callable[..., Tensor]],
                   parameters: Iterable[Tensor]) -> tuple[Tensor, list[Tensor]]:
     """``sum(loss(*inputs) for loss in losses)`` with each pass's graph freed at once.
@@ -69,9 +74,10 @@ def backward_each(inputs: Sequence[Tensor], losses: Sequence[Callable[..., Tenso
             loss = loss_fn(*leaves)
             values.append(loss.detach())
             grads = torch.autograd.grad(loss * scale, targets, allow_unused=True)
-            sums = [s if g is None else g.float() if s is None else s + g for s, g in zip(sums, grads)]
+            sums = [s if g is None else _at_least_float32(g) if s is None else s + g for s, g in zip(sums, grads)]
     taken = iter(None if s is None else s / scale for s in sums)
     # One gradient per input of _TakenGradients, in its order; inputs without one get None.
     gradients = tuple(next(taken) if leaf.requires_grad else None for leaf in leaves) + tuple(taken)
-    total = _TakenGradients.apply(torch.stack([v.float() for v in values]).sum(), gradients, *inputs, *parameters)
+    total = _TakenGradients.apply(torch.stack([_at_least_float32(v) for v in values]).sum(), gradients, *inputs,
+                                  *parameters)
     return total, values

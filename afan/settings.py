@@ -58,6 +58,23 @@ class RunSettings:
 
 
 @dataclass
+class ReleaseSwitches:
+    """The deliberate changes from the release that every task's A-FAN section offers; the
+    defaults are the release's behaviour."""
+
+    # "update": the attack's training-mode passes update BN running statistics, as the
+    # release's do; "frozen": they use batch statistics and leave running statistics alone.
+    attack_bn_stats: Literal["update", "frozen"] = "update"
+    # The release builds the SE strengths from the clean feature detached, so their losses
+    # train only the layers after the split point; true lets them reach the layers before too.
+    se_trains_head: bool = False
+
+    @property
+    def freeze_attack_bn(self) -> bool:
+        return self.attack_bn_stats == "frozen"
+
+
+@dataclass
 class AdvPropConfig:
     """Pixel-level PGD with auxiliary BN everywhere (DESIGN.md item 7); units of 1/255."""
 

@@ -9,10 +9,11 @@ training runs. The A-FAN passes are what the method cannot avoid, each timed on 
 * ``se_attack``: the tail forward from the SE feature and the backward to that feature only,
   ``steps`` times;
 * ``se_strength``: the tail forward and backward on one strength, ``n`` times: parameter
-  gradients and the gradient towards the feature, which A-FAN passes on to the head (the
-  strengths are made from the clean feature, as released);
-* ``sd_attack`` / ``sd_strength``: the same for the SD feature (detection: pooled RoI
-  features; segmentation: the ASPP output), ``sd_steps`` times and once.
+  gradients only, as released (the strengths are made from the clean feature detached),
+  and also the gradient towards the feature with ``afan.se_trains_head=true``;
+* ``sd_attack`` / ``sd_strength``: the same for the SD feature (detection: the RoI head's
+  output; segmentation: the ASPP output or the decoder's concatenation), ``sd_steps`` times
+  and once.
 """
 from __future__ import annotations
 
@@ -44,9 +45,10 @@ def _grad_to(loss_fn, feature):
     return torch.autograd.grad(loss_fn(feature), feature)[0]
 
 
-def _attached(feature):
-    """A copy of the feature that asks for its gradient, as the head's output does."""
-    return feature.detach().requires_grad_(True)
+def _strength_input(feature, afan_cfg):
+    """The clean feature as the strengths see it: detached (the release), or asking for its
+    gradient, as the head's output does, with ``se_trains_head``."""
+    return feature.detach().requires_grad_(afan_cfg.se_trains_head)
 
 
 def _backward(loss):
@@ -83,7 +85,7 @@ def classification(mode: str, device, overrides=()) -> Case:
 
         passes = {"clean": (lambda: _backward(F.cross_entropy(model(x), y)), 1),
                   "se_attack": (lambda: _grad_to(loss, h), cfg.afan.steps),
-                  "se_strength": (lambda: _backward(loss(_attached(h))), cfg.afan.n)}
+                  "se_strength": (lambda: _backward(loss(_strength_input(h, cfg.afan))), cfg.afan.n)}
     return Case(model, step, passes, f"{cfg.model}, batch {cfg.batch_size} of {x.shape[-1]} px, "
                               f"SE after {cfg.afan.layer}, {cfg.afan.steps} PGD steps")
 
@@ -115,7 +117,7 @@ def segmentation(mode: str, device, overrides=()) -> Case:
 
         passes = {"clean": (lambda: _backward(segmentation_loss(model(images), masks)), 1),
                   "se_attack": (lambda: _grad_to(se_loss, h), cfg.afan.se_steps),
-                  "se_strength": (lambda: _backward(se_loss(_attached(h))), cfg.afan.n)}
+                  "se_strength": (lambda: _backward(se_loss(_strength_input(h, cfg.afan))), cfg.afan.n)}
         if cfg.afan.sd:
             passes.update(sd_attack=(lambda: _grad_to(sd_loss, aspp), cfg.afan.sd_steps),
                           sd_strength=(lambda: _backward(sd_loss(aspp)), 1))
@@ -126,7 +128,7 @@ def segmentation(mode: str, device, overrides=()) -> Case:
 def detection(mode: str, device, overrides=()) -> Case:
     from Detection import train as task
     from Detection.data import build_datasets, make_loader
-    from Detection.models.parts import box_losses, head, prepare, tail
+    from Detection.models.parts import head, predictor_losses, prepare, tail
     cfg = _config(task, ROOT / "Detection" / "configs" / "shapes_base.yaml", [f"mode={mode}", *overrides])
     splits = build_datasets(cfg.data, seed=0)
     model = task.build_model(cfg, splits.num_classes, device).train()
@@ -149,15 +151,15 @@ def detection(mode: str, device, overrides=()) -> Case:
         def se_loss(feature):
             return sum(tail(model, {**feats, at: feature}, at, image_list, prepared).values())
 
-        def sd_loss(pooled):
-            return sum(box_losses(model, pooled, roi.labels, roi.regression_targets).values())
+        def sd_loss(box_features):
+            return sum(predictor_losses(model.roi_heads, box_features, roi.labels, roi.regression_targets).values())
 
         passes = {"clean": (lambda: _backward(sum(model(images, targets).values())), 1),
                   "se_attack": (lambda: _grad_to(se_loss, feats[at]), cfg.afan.se_steps),
-                  "se_strength": (lambda: _backward(se_loss(_attached(feats[at]))), cfg.afan.n)}
+                  "se_strength": (lambda: _backward(se_loss(_strength_input(feats[at], cfg.afan))), cfg.afan.n)}
         if cfg.afan.sd:
-            passes.update(sd_attack=(lambda: _grad_to(sd_loss, roi.pooled), cfg.afan.sd_steps),
-                          sd_strength=(lambda: _backward(sd_loss(roi.pooled.detach())), 1))
+            passes.update(sd_attack=(lambda: _grad_to(sd_loss, roi.box_features), cfg.afan.sd_steps),
+                          sd_strength=(lambda: _backward(sd_loss(roi.box_features.detach())), 1))
     return Case(model, step, passes, f"{cfg.model.name}, batch {cfg.batch_size} of {cfg.model.min_size} px, "
                               f"SE after {cfg.afan.se_layer}, n {cfg.afan.n}, SD")
 

@@ -21,7 +21,7 @@ timeout 240 $python -m pytest -q -p no:cacheprovider -k cuda tests/ 2>&1 | tee "
 declare -A sizes=(
   [classification]=""
   [segmentation]="model.name=deeplabv3plus_resnet50 data.image_size=513 data.train_size=8 data.val_size=1 batch_size=8"
-  [detection]="model.name=fasterrcnn_resnet50_fpn model.min_size=600 model.max_size=1000 data.image_size=600 data.train_size=8 data.val_size=1 batch_size=2 model.roi_batch_size=512 model.anchor_sizes=[32,64,128,256,512]"
+  [detection]="model.name=fasterrcnn_resnet50_c4 model.min_size=600 model.max_size=1000 data.image_size=600 data.train_size=8 data.val_size=1 batch_size=8 model.trainable_layers=3 model.roi_batch_size=128 model.roi_pool_size=14 model.anchor_sizes=[128,256,512] model.rpn_pre_nms_top_n=[12000,6000] model.rpn_post_nms_top_n=[2000,300]"
 )
 work=$(mktemp -d)
 bench() {  # bench NAME ARGS...: one benchmark run, its rows added to bench_cuda.csv

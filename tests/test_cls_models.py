@@ -84,9 +84,12 @@ def test_cifar_resnet_layout():
     assert not any("shortcut" in key for key in keys)  # option A has no parameters
 
 
+HALF = (0.5,) * 3
+
+
 @pytest.mark.parametrize("name,mean,std", [("resnet20", CIFAR10_MEAN, CIFAR10_STD),
                                            ("resnet18", IMAGENET_MEAN, IMAGENET_STD),
-                                           ("tf_efficientnet_b0", (0.5,) * 3, (0.5,) * 3)])
+                                           ("tf_efficientnet_b0", IMAGENET_MEAN, IMAGENET_STD)])
 def test_default_normalisation_and_override(name, mean, std):
     m = create_model(name, 10)
     assert torch.allclose(m.normalize.mean, torch.tensor(mean))
@@ -94,6 +97,57 @@ def test_default_normalisation_and_override(name, mean, std):
     m = create_model(name, 10, mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6))
     assert m.normalize.mean.tolist() == pytest.approx([0.1, 0.2, 0.3])
     assert m.normalize.std.tolist() == pytest.approx([0.4, 0.5, 0.6])
+
+
+# The mean/std each EfficientNet weights tag was trained with: AdvProp's take [-1, 1] inputs,
+# the others (and the bare name, timm's default tag ns_jft_in1k) ImageNet-normalised ones.
+TAG_NORMS = {"": (IMAGENET_MEAN, IMAGENET_STD), ".ap_in1k": (HALF, HALF), ".ns_jft_in1k": (IMAGENET_MEAN, IMAGENET_STD),
+             ".aa_in1k": (IMAGENET_MEAN, IMAGENET_STD), ".in1k": (IMAGENET_MEAN, IMAGENET_STD)}
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_b0" + tag for tag in TAG_NORMS] + ["tf_efficientnet_b3.ap_in1k"])
+def test_efficientnet_normalisation_follows_the_weights_tag(name):
+    mean, std = TAG_NORMS["." + name.partition(".")[2] if "." in name else ""]
+    m = create_model(name, 10)
+    assert m.arch == name
+    assert m.normalize.mean.tolist() == pytest.approx(mean) and m.normalize.std.tolist() == pytest.approx(std)
+    assert set(m.state_dict()) == set(create_model(name.partition(".")[0], 10).state_dict())
+
+
+def test_timm_records_these_values_for_every_tag_of_b0_to_b7():
+    """The models read timm's pretrained config; it holds 0.5 exactly for the AdvProp tags."""
+    names = timm.list_pretrained("tf_efficientnet_b[0-7].*")
+    assert len(names) >= 30
+    for name in names:
+        cfg = timm.models.get_pretrained_cfg(name)
+        expected = (HALF, HALF) if name.endswith(".ap_in1k") else (IMAGENET_MEAN, IMAGENET_STD)
+        assert (tuple(cfg.mean), tuple(cfg.std)) == expected, name
+
+
+@pytest.mark.parametrize("name,input_norm,mean,std", [
+    ("tf_efficientnet_b0", "half", HALF, HALF),
+    ("tf_efficientnet_b0.ap_in1k", "imagenet", IMAGENET_MEAN, IMAGENET_STD),
+    ("tf_efficientnet_b0.ap_in1k", "auto", HALF, HALF),
+    ("resnet20", "imagenet", IMAGENET_MEAN, IMAGENET_STD),
+    ("resnet18", "half", HALF, HALF),
+])
+def test_input_norm_setting_overrides_the_model_default(name, input_norm, mean, std):
+    m = create_model(name, 10, input_norm=input_norm)
+    assert m.normalize.mean.tolist() == pytest.approx(mean) and m.normalize.std.tolist() == pytest.approx(std)
+    # Explicit mean/std win over input_norm.
+    m = create_model(name, 10, input_norm=input_norm, mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6))
+    assert m.normalize.mean.tolist() == pytest.approx([0.1, 0.2, 0.3])
+
+
+def test_bad_input_norm_and_weights_tag_are_named():
+    with pytest.raises(ValueError, match=r"input_norm must be one of auto, imagenet, half, got 'cifar'"):
+        create_model("resnet20", 10, input_norm="cifar")
+    with pytest.raises(ValueError, match=r"unknown weights tag 'jft' for tf_efficientnet_b0.*aa_in1k, ap_in1k, in1k"):
+        create_model("tf_efficientnet_b0.jft", 10)
+    with pytest.raises(ValueError, match=r"'tf_efficientnet_b0_ap'.*follows a dot.*tf_efficientnet_b0.ap_in1k"):
+        create_model("tf_efficientnet_b0_ap", 10)
+    with pytest.raises(ValueError, match=r"unknown model 'resnet20.in1k'"):
+        create_model("resnet20.in1k", 10)
 
 
 def test_unknown_name_lists_valid_names_and_closest():
@@ -183,15 +237,17 @@ def test_torchvision_resnet18_state_dict_loads_and_matches():
         assert torch.allclose(ours(x), reference((x - mean) / std), atol=1e-5)
 
 
-def test_timm_efficientnet_state_dict_loads_and_matches():
+@pytest.mark.parametrize("name,mean,std", [("tf_efficientnet_b0.ap_in1k", HALF, HALF),
+                                           ("tf_efficientnet_b0", IMAGENET_MEAN, IMAGENET_STD)])
+def test_timm_efficientnet_state_dict_loads_and_matches(tmp_path, name, mean, std):
     torch.manual_seed(1)
-    reference = randomize_bn(timm.create_model("tf_efficientnet_b0", pretrained=False, num_classes=10)).eval()
-    ours = create_model("tf_efficientnet_b0", 10)
-    ours.load_state_dict(reference.state_dict(), strict=True)
-    ours.eval()
+    reference = randomize_bn(timm.create_model(name, pretrained=False, num_classes=10)).eval()
+    torch.save(reference.state_dict(), tmp_path / "timm.pth")
+    ours = load_model(tmp_path / "timm.pth", name=name)
     x = images(64)
+    mean, std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
     with torch.no_grad():
-        assert torch.allclose(ours(x), reference((x - 0.5) / 0.5), atol=1e-5)
+        assert torch.allclose(ours(x), reference((x - mean) / std), atol=1e-5)
 
 
 # ---------------------------------------------------------------- original release checkpoints
@@ -293,6 +349,36 @@ def test_payload_round_trip_drops_aux_bn(tmp_path):
     x = images(32)
     with torch.no_grad():
         assert torch.equal(loaded(x), m.eval()(x))
+
+
+@pytest.mark.parametrize("name,kw", [("tf_efficientnet_b0.ap_in1k", {}), ("tf_efficientnet_b0", {"input_norm": "half"}),
+                                     ("resnet20", {"input_norm": "imagenet"})])
+def test_payload_records_the_input_normalisation(tmp_path, name, kw):
+    m = model(name, **kw)
+    torch.save(checkpoint_payload(m), tmp_path / "best.pth")
+    loaded = load_model(tmp_path / "best.pth")
+    assert loaded.normalize.mean.tolist() == m.normalize.mean.tolist()
+    assert loaded.normalize.std.tolist() == m.normalize.std.tolist()
+    x = images(32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), m(x))
+
+
+def test_payload_written_before_it_recorded_the_normalisation_still_loads(tmp_path):
+    """EfficientNet payloads without mean/std date from when every EfficientNet used 0.5."""
+    m = model("tf_efficientnet_b0", input_norm="half")
+    payload = checkpoint_payload(m)
+    del payload["mean"], payload["std"]
+    torch.save(payload, tmp_path / "old.pth")
+    loaded = load_model(tmp_path / "old.pth")
+    assert loaded.normalize.mean.tolist() == pytest.approx(HALF)
+    with torch.no_grad():
+        assert torch.equal(loaded(images(32)), m(images(32)))
+    r = model("resnet20")
+    payload = checkpoint_payload(r)
+    del payload["mean"], payload["std"]
+    torch.save(payload, tmp_path / "old_resnet.pth")
+    assert load_model(tmp_path / "old_resnet.pth").normalize.mean.tolist() == pytest.approx(CIFAR10_MEAN)
 
 
 def test_plain_state_dict_needs_a_name_and_infers_classes(tmp_path):

@@ -31,7 +31,7 @@ def tiny_config(tmp_path, *extra):
 
 @pytest.mark.parametrize("mode", ["base", "afan", "advprop"])
 def test_one_short_epoch_of_each_mode(tmp_path, mode, capsys):
-    extra = ["afan.aux_bn=true", "afan.n=2", "afan.mask=01"] if mode == "afan" else []
+    extra = {"afan": ["afan.aux_bn=true", "afan.n=2", "afan.mask=01"], "base": ["input_norm=half"]}.get(mode, [])
     summary = cls_train.run(tiny_config(tmp_path, f"mode={mode}", "epochs=1", *extra))
     out = tmp_path / "run"
     for name in ("config.yaml", "metrics.csv", "curves.png", "last.pth", "best.pth", "summary.json"):
@@ -47,6 +47,7 @@ def test_one_short_epoch_of_each_mode(tmp_path, mode, capsys):
         assert 0 < row["pert_linf"] <= 4 / 255 + 1e-6
     best = load_checkpoint(out / "best.pth")
     assert not any(".aux_bn." in k for k in best["model"])
+    assert best["mean"] == pytest.approx([0.5] * 3 if mode == "base" else [0.4914, 0.4822, 0.4465])
 
 
 @pytest.mark.parametrize("aux_bn, n, mask", [(False, 1, "0"), (True, 2, "01")])
@@ -69,6 +70,73 @@ def test_afan_loss_is_the_mean_of_clean_and_adversarial_losses(aux_bn, n, mask):
         adv = sum(F.cross_entropy(by_hand.tail(f, "layer2"), y) for f in strengths) / n
     torch.testing.assert_close(result.loss, (clean + adv) / 2)
     assert (result.perturbation.abs() <= 2 * 2.0 / 255 + 1e-6).all()
+
+
+def _bn_layers(model, prefixes):
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, torch.nn.BatchNorm2d) and name.startswith(prefixes)}
+
+
+def test_attack_updates_bn_running_stats_by_default_and_frozen_leaves_them():
+    torch.manual_seed(0)
+    start = create_model("resnet20", 6).train()
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 6, (8,))
+    steps = 3
+    models, perturbations = {}, {}
+    for setting in ("update", "frozen"):
+        cfg = AfanConfig(layer="layer1", steps=steps, gamma=2.0, attack_bn_stats=setting)
+        models[setting] = copy.deepcopy(start)
+        perturbations[setting] = afan_step(models[setting], x, y, cfg).perturbation
+    assert AfanConfig().attack_bn_stats == "update"  # the release's attack passes update them
+
+    head, tail = ("stem.", "layer1."), ("layer2.", "layer3.")
+    for setting, model in models.items():
+        assert all(m.num_batches_tracked == 1 for m in _bn_layers(model, head).values())
+        # Tail BNs: the adversarial and the clean pass, plus every attack step unless frozen.
+        attack = steps if setting == "update" else 0
+        assert all(m.num_batches_tracked == 2 + attack for m in _bn_layers(model, tail).values()), setting
+
+    # Frozen: the tail's statistics are exactly those of the two training passes alone.
+    reference = copy.deepcopy(start)
+    h = reference.head(x, "layer1")
+    reference.tail(h + perturbations["frozen"], "layer1")
+    reference.tail(h, "layer1")
+    for name, m in _bn_layers(models["frozen"], head + tail).items():
+        expected = reference.get_submodule(name)
+        assert torch.equal(m.running_mean, expected.running_mean), name
+        assert torch.equal(m.running_var, expected.running_var), name
+    moved = _bn_layers(models["update"], tail)
+    assert all(not torch.allclose(m.running_mean, reference.get_submodule(n).running_mean) for n, m in moved.items())
+
+
+@pytest.mark.parametrize("se_trains_head", [False, True])
+def test_adversarial_losses_reach_the_head_only_with_se_trains_head(se_trains_head):
+    torch.manual_seed(0)
+    model = create_model("resnet20", 6).train()
+    reference = copy.deepcopy(model)
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 6, (8,))
+    cfg = AfanConfig(layer="layer1", steps=2, gamma=2.0, n=2, mask="01", se_trains_head=se_trains_head)
+    assert AfanConfig().se_trains_head is False  # the release detaches the clean feature
+    result = afan_step(model, x, y, cfg)
+    result.loss.backward()
+
+    # By hand: the strengths built from h attached or detached, one backward of the sum.
+    h = reference.head(x, "layer1")
+    clean_loss = F.cross_entropy(reference.tail(h, "layer1"), y)
+    base = h if se_trains_head else h.detach()
+    h_adv = h.detach() + result.perturbation
+    strengths = [base + 0.5 * (h_adv - base), afan.mix_statistics(base, h_adv)]
+    adv_loss = sum(F.cross_entropy(reference.tail(f, "layer1"), y) for f in strengths) / 2
+    head = [name for name, _ in model.named_parameters() if name.startswith(("stem.", "layer1."))]
+    clean_only = dict(zip(head, torch.autograd.grad(clean_loss / 2, [reference.get_parameter(n) for n in head],
+                                                    retain_graph=True)))
+    ((clean_loss + adv_loss) / 2).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, reference.get_parameter(name).grad, msg=name)
+    # Detached: the head's gradient is the clean loss's alone; attached: clearly more.
+    for name in head:
+        gap = (model.get_parameter(name).grad - clean_only[name]).norm() / clean_only[name].norm()
+        assert (gap > 1e-2) if se_trains_head else (gap < 1e-6), (name, gap.item())
 
 
 def test_test_script_reproduces_the_logged_accuracy(tmp_path, capsys):
@@ -120,6 +188,22 @@ def test_bad_settings_stop_with_one_clear_message(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
     with pytest.raises(ConfigError, match="afan.mask"):
         load_config(TrainConfig, overrides=["afan.n=4", "afan.mask=011"])
+
+
+def test_input_norm_and_weights_tag_reach_the_model_and_bad_ones_stop_cleanly(tmp_path, capsys):
+    cpu = torch.device("cpu")
+    for overrides, mean in [(["model=tf_efficientnet_b0.ap_in1k"], 0.5), (["model=tf_efficientnet_b0"], 0.485),
+                            (["model=tf_efficientnet_b0", "input_norm=half"], 0.5)]:
+        model = cls_train.build_model(load_config(TrainConfig, overrides=overrides), 4, cpu)
+        assert model.normalize.mean[0].item() == pytest.approx(mean), overrides
+    with pytest.raises(ConfigError, match="input_norm"):
+        load_config(TrainConfig, overrides=["input_norm=cifar"])
+    bad = [("tf_efficientnet_b0.jft", "unknown weights tag 'jft'"), ("resnet57", "Did you mean 'resnet56'")]
+    for name, text in bad:
+        assert cls_train.main([*TINY, f"model={name}", f"out={tmp_path / 'r'}"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and text in err and "Traceback" not in err, err
+        assert not (tmp_path / "r").exists()
 
 
 def _script(name, *args, cwd):

@@ -45,12 +45,12 @@ def test_compiled_stages_train_like_eager_ones_and_keep_the_checkpoint_keys():
         torch.testing.assert_close(value, reference[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-@pytest.mark.parametrize("task", ["segmentation", "detection"])
+@pytest.mark.parametrize("task", ["segmentation", "fasterrcnn_resnet18_c4", "fasterrcnn_resnet18_fpn"])
 def test_every_task_names_its_stages_to_compile(task):
     if task == "segmentation":
         model = seg_train.build_model(load_config(SegConfig, overrides=["model.name=deeplabv3plus_mobilenet"]), 3, CPU)
     else:
-        cfg = load_config(det_train.TrainConfig, overrides=["model.name=fasterrcnn_resnet18_fpn"])
+        cfg = load_config(det_train.TrainConfig, overrides=[f"model.name={task}"])
         model = det_train.build_model(cfg, 3, CPU)
     parts = model.parts_to_compile()
     assert parts and all(isinstance(p, torch.nn.Module) for p in parts)

@@ -40,6 +40,49 @@ def test_voc_ap_perfect_and_empty():
     assert voc_ap([], [], use_07_metric=False) == 0.0
 
 
+def matlab_colon(a, d, b):
+    """MATLAB's ``a:d:b`` as MathWorks describes its colon operator: the first half is
+    ``a + k*d``, the second ``b - k*d`` counted from the end, the middle of an even count
+    ``(a + b) / 2``."""
+    n = round((b - a) / d)
+    out = [0.0] * (n + 1)
+    for k in range(n // 2 + 1):
+        out[k], out[n - k] = a + k * d, b - k * d
+    if n % 2 == 0:
+        out[n // 2] = (a + b) / 2
+    return out
+
+
+def eleven_point(recall, precision, thresholds):
+    """VOCevaldet.m's loop: add up, over 11, the highest precision at recall >= t of each t."""
+    ap = 0.0
+    for t in thresholds:
+        ap += max([p for r, p in zip(recall, precision) if r >= t], default=0.0) / 11
+    return ap
+
+
+# 10 positives; ranked detections T T T F T T T F T F F T reach recalls of exactly 3/10, 6/10
+# and 7/10 (the doubles nearest 0.3, 0.6, 0.7).
+HITS = [1, 1, 1, 0, 1, 1, 1, 0, 1, 0, 0, 1]
+TP = np.cumsum(HITS)
+EXACT_RECALL = TP / 10
+EXACT_PRECISION = TP / np.arange(1, len(HITS) + 1)
+
+
+def test_voc_ap_11_point_uses_the_devkit_thresholds():
+    devkit = matlab_colon(0.0, 0.1, 1.0)
+    assert devkit[3] == 3 * 0.1 != 0.3 and devkit[6] == 0.6 and devkit[7] == 0.7
+    ap = voc_ap(EXACT_RECALL, EXACT_PRECISION, use_07_metric=True)
+    assert ap == eleven_point(EXACT_RECALL, EXACT_PRECISION, devkit)
+    # By hand: t = 0, 0.1, 0.2 -> 1; t = 0.3 (3 * 0.1, above a recall of exactly 0.3), 0.4,
+    # 0.5 and 0.6 (recall 6/10 counts) -> 6/7; t = 0.7 (recall 7/10 counts) -> 7/9; t = 0.8 -> 8/12.
+    assert ap == pytest.approx((3 + 4 * 6 / 7 + 7 / 9 + 8 / 12) / 11, rel=1e-15)
+    # linspace's 0.6000000000000001 and 0.7000000000000001 skip the recalls 6/10 and 7/10.
+    linspace = eleven_point(EXACT_RECALL, EXACT_PRECISION, np.linspace(0, 1, 11))
+    assert linspace == pytest.approx((3 + 3 * 6 / 7 + 7 / 9 + 2 * 8 / 12) / 11, rel=1e-15)
+    assert ap - linspace == pytest.approx((6 / 7 - 8 / 12) / 11, rel=1e-12)
+
+
 def test_box_iou_continuous_coordinates():
     # [0, 10) x [0, 10) and [5, 15) x [5, 15): 25 / (100 + 100 - 25), no "+ 1" pixel.
     assert box_iou([[0, 0, 10, 10]], [[5, 5, 15, 15]])[0, 0] == pytest.approx(25 / 175)

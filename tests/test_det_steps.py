@@ -1,25 +1,27 @@
 """Detection training steps: base equals torchvision, attacks are bounded and leave
-gradients and BN statistics alone, the A-FAN loss is the release's formula."""
+gradients (and, when asked, BN statistics) alone, the A-FAN loss is the release's formula."""
 import copy
 
 import pytest
 import torch
+from torchvision.models.detection import FasterRCNN
 
 import afan
 from afan.settings import AdvPropConfig
 from Detection.config import AfanConfig
-from Detection.models import box_losses, create_model, head, prepare, tail
+from Detection.models import create_model, head, predictor_losses, prepare, tail
 from Detection.steps import advprop_step, afan_step, base_step, pixel_pgd, sd_attack, se_attack
 
 TINY = {"min_size": 64, "max_size": 96}
+FPN = ("fasterrcnn_resnet18_fpn", {"anchor_sizes": [16, 32, 64, 128, 256], "roi_batch_size": 64})
+C4 = ("fasterrcnn_resnet18_c4", {"anchor_sizes": [16, 32, 64], "roi_batch_size": 64})
 
 
-def make_model(norm="frozen", seed=0, device="cpu"):
+def make_model(norm="frozen", seed=0, device="cpu", arch=C4):
+    """A small detector (64 sampled RoIs per image: the RoI head dominates CPU time)."""
     torch.manual_seed(seed)
-    model = create_model("fasterrcnn_resnet18_fpn", 5, norm=norm, anchor_sizes=[16, 32, 64, 128, 256], **TINY)
-    # 64 sampled RoIs per image instead of 512: the box head's big linear layer dominates CPU time.
-    model.roi_heads.fg_bg_sampler.batch_size_per_image = 64
-    return model.train().to(device)
+    name, options = arch
+    return create_model(name, 5, norm=norm, **options, **TINY).train().to(device)
 
 
 def on(device, images, targets):
@@ -49,9 +51,13 @@ def bn_buffers(model):
     return {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
 
 
+def rpn_losses(losses):
+    return losses["loss_objectness"] + losses["loss_rpn_box_reg"]
+
+
 @pytest.mark.parametrize("norm", ["frozen", "bn"])
 def test_base_step_equals_torchvision(norm, device):
-    model = make_model(norm, device=device)
+    model = make_model(norm, device=device, arch=FPN)
     reference = copy.deepcopy(model)  # BN statistics move with every training pass
     images, targets = on(device, *batch())
     torch.manual_seed(5)
@@ -69,12 +75,47 @@ def test_base_step_equals_torchvision(norm, device):
     assert torch.allclose(afan_result.losses["loss_0"], result.loss.detach(), atol=1e-5, rtol=0)
 
 
-def test_attacks_are_bounded_and_touch_neither_grads_nor_bn_stats(device):
-    model = make_model("bn", device=device)
-    afan.convert_aux_bn(model, after="backbone.body.layer2")
-    cfg = AfanConfig(se_steps=2, gamma_se=1.0, sd_steps=3, gamma_sd=0.1, aux_bn=True)
+@pytest.mark.parametrize("norm", ["frozen", "bn"])
+def test_c4_model_trains_with_its_own_forward_and_equals_torchvision_fasterrcnn(norm, device):
+    """The C4 detector's training pass (``base_step``, through ``parts``) gives the losses of
+    its own ``forward`` and, at torchvision's smooth-L1 beta 1/9, those of torchvision's
+    ``FasterRCNN`` assembled from the same parts; at the release's beta 1.0 the box losses
+    follow the smooth-L1 formula (same sampling)."""
+    torch.manual_seed(0)
+    name, options = C4
+    model = create_model(name, 5, norm=norm, **options, **TINY, rpn_smooth_l1_beta=1 / 9,
+                         roi_smooth_l1_beta=1 / 9).train().to(device)
+    heads = model.roi_heads
+    reference = FasterRCNN(copy.deepcopy(model.backbone), num_classes=None, rpn_anchor_generator=model.rpn.anchor_generator,
+                           rpn_head=copy.deepcopy(model.rpn.head), box_roi_pool=heads.box_roi_pool,
+                           box_head=copy.deepcopy(heads.box_head), box_predictor=copy.deepcopy(heads.box_predictor),
+                           rpn_pre_nms_top_n_train=12000, rpn_post_nms_top_n_train=2000, box_batch_size_per_image=64,
+                           **TINY).train().to(device)
     images, targets = on(device, *batch())
-    image_list, targets, feats, _, state = clean_pass(model, images, targets)
+    runs = {}
+    for label, fn in (("parts", lambda: base_step(copy.deepcopy(model), images, targets).losses),
+                      ("forward", lambda: copy.deepcopy(model)(images, targets)),
+                      ("torchvision", lambda: reference(images, targets))):
+        torch.manual_seed(5)
+        runs[label] = {k: v.detach() for k, v in fn().items()}
+    torch.testing.assert_close(runs["parts"], runs["forward"], rtol=0, atol=0)
+    torch.testing.assert_close(runs["parts"], runs["torchvision"], rtol=1e-5, atol=1e-6)
+    # beta 1.0: for |d| < 1 smooth-L1 is d^2 / 2 instead of 9 d^2 / 2 (and |d| - 1/18 beyond 1/9).
+    released = copy.deepcopy(model)
+    released.rpn.smooth_l1_beta = released.roi_heads.smooth_l1_beta = 1.0
+    torch.manual_seed(5)
+    losses = base_step(released, images, targets).losses
+    assert torch.equal(losses["loss_objectness"], runs["parts"]["loss_objectness"])
+    assert losses["loss_box_reg"] < runs["parts"]["loss_box_reg"]
+
+
+@pytest.mark.parametrize("arch", [C4, FPN], ids=["c4", "fpn"])
+def test_attacks_are_bounded_and_touch_neither_grads_nor_frozen_bn_stats(device, arch):
+    model = make_model("bn", device=device, arch=arch)
+    afan.convert_aux_bn(model, after="backbone.body.layer2")
+    cfg = AfanConfig(se_steps=2, gamma_se=1.0, sd_steps=3, gamma_sd=0.1, aux_bn=True, attack_bn_stats="frozen")
+    images, targets = on(device, *batch())
+    image_list, targets, feats, clean, state = clean_pass(model, images, targets)
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -82,10 +123,10 @@ def test_attacks_are_bounded_and_touch_neither_grads_nor_bn_stats(device):
     assert any(".aux_bn." in k for k in buffers)
 
     h_adv = se_attack(model, feats, "layer2", image_list, targets, cfg)
-    pooled_adv = sd_attack(model, state.roi, cfg)
+    box_adv = sd_attack(model, state.roi, rpn_losses(clean), cfg)
 
     se_delta = (h_adv - feats["layer2"]).abs().max().item()
-    sd_delta = (pooled_adv - state.roi.pooled).abs().max().item()
+    sd_delta = (box_adv - state.roi.box_features).abs().max().item()
     assert 0 < se_delta <= 2 * 1.0 / 255 + 1e-6
     assert 0 < sd_delta <= 3 * 0.1 / 255 + 1e-6
     for name, p in model.named_parameters():
@@ -94,25 +135,46 @@ def test_attacks_are_bounded_and_touch_neither_grads_nor_bn_stats(device):
         assert torch.equal(value, buffers[key]), key
 
 
+def test_attack_updates_bn_stats_by_default_as_released():
+    """The release's attack passes run in training mode and move BN running statistics;
+    ``attack_bn_stats="frozen"`` (above) keeps them."""
+    model = make_model("bn")
+    image_list, targets, feats, _, _ = clean_pass(model, *batch())
+    before = bn_buffers(model)
+    se_attack(model, feats, "layer2", image_list, targets, AfanConfig(se_steps=1))
+    after = bn_buffers(model)
+    moved = [k for k in before if not torch.equal(before[k], after[k])]
+    assert moved and all(k.startswith(("backbone.body.layer3", "roi_heads.box_head.")) for k in moved)
+
+
+def test_only_roi_changes_the_sd_attacks_loss_not_its_perturbation():
+    model = make_model()
+    _, _, _, clean, state = clean_pass(model, *batch())
+    perturbations = [sd_attack(model, state.roi, rpn_losses(clean), AfanConfig(only_roi=only, gamma_sd=5.0))
+                     for only in (True, False)]
+    assert torch.equal(*perturbations)
+
+
 def test_attacks_raise_their_loss():
     model = make_model()
     cfg = AfanConfig(se_steps=1, gamma_se=20.0, sd_steps=1, gamma_sd=20.0)
     se_gain, sd_gain = [], []
     for seed in range(3):
         images, targets = batch(seed)
-        image_list, targets, feats, _, state = clean_pass(model, images, targets)
+        image_list, targets, feats, clean, state = clean_pass(model, images, targets)
         h_adv = se_attack(model, feats, "layer2", image_list, targets, cfg)
-        pooled_adv = sd_attack(model, state.roi, cfg)
+        box_adv = sd_attack(model, state.roi, rpn_losses(clean), cfg)
         with torch.no_grad():
             def se_loss(feature):
                 torch.manual_seed(100 + seed)  # the same RPN/RoI sampling for both
                 return sum(tail(model, {**feats, "layer2": feature}, "layer2", image_list, targets).values())
 
-            def sd_loss(pooled):
-                return sum(box_losses(model, pooled, state.roi.labels, state.roi.regression_targets).values())
+            def sd_loss(box_features):
+                return sum(predictor_losses(model.roi_heads, box_features, state.roi.labels,
+                                            state.roi.regression_targets).values())
 
             se_gain.append(se_loss(h_adv) - se_loss(feats["layer2"]))
-            sd_gain.append(sd_loss(pooled_adv) - sd_loss(state.roi.pooled))
+            sd_gain.append(sd_loss(box_adv) - sd_loss(state.roi.box_features))
     assert sum(se_gain) > 0
     assert all(g > 0 for g in sd_gain)
 
@@ -136,11 +198,13 @@ def test_afan_step_loss_is_the_release_formula(options):
     assert {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"} <= set(result.losses)
 
 
-def test_afan_step_gradients_equal_those_of_the_plain_sum_of_its_passes():
+@pytest.mark.parametrize("se_trains_head", [False, True])
+def test_afan_step_gradients_equal_those_of_the_plain_sum_of_its_passes(se_trains_head):
     """The strength passes are back-propagated one at a time (``afan.backward_each``); the
-    step's gradients are those of the release's loss written as one plain sum."""
-    cfg = AfanConfig(sd=False)
-    model = make_model()
+    step's gradients are those of the release's loss written as one plain sum, with the
+    strengths built from the clean feature detached (the release) or attached."""
+    cfg = AfanConfig(sd=False, se_trains_head=se_trains_head)
+    model = make_model(arch=FPN)
     reference = copy.deepcopy(model)
     images, targets = batch()
     torch.manual_seed(4)  # the same RPN and RoI sampling in both
@@ -148,7 +212,7 @@ def test_afan_step_gradients_equal_those_of_the_plain_sum_of_its_passes():
     result.loss.backward()
     torch.manual_seed(4)
     image_list, prepared, feats, clean, _ = clean_pass(reference, images, targets)
-    h = feats["layer2"]
+    h = feats["layer2"] if se_trains_head else feats["layer2"].detach()
     h_adv = se_attack(reference, feats, "layer2", image_list, prepared, cfg)
     strengths = afan.mix_by_mask(h, afan.interpolate(h, h_adv, cfg.n), cfg.mask)
     passes = [sum(tail(reference, {**feats, "layer2": f}, "layer2", image_list, prepared).values()) for f in strengths]
@@ -206,13 +270,14 @@ def test_advprop_needs_aux_bn():
         advprop_step(make_model(), *batch(), AdvPropConfig())
 
 
-def test_tail_sd_transforms_pooled_roi_features_only():
-    model = make_model()
+@pytest.mark.parametrize("arch", [C4, FPN], ids=["c4", "fpn"])
+def test_tail_sd_transforms_the_roi_heads_output_only(arch):
+    model = make_model(arch=arch)
     images, targets = batch()
     image_list, targets = prepare(model, images, targets)
     feats = head(model, image_list.tensors, "layer3")
     runs = []
-    for fn in (None, lambda pooled: pooled, lambda pooled: pooled + 1):
+    for fn in (None, lambda box_features: box_features, lambda box_features: box_features + 1):
         torch.manual_seed(7)
         runs.append(tail(model, feats, "layer3", image_list, targets, sd=fn))
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
@@ -224,7 +289,7 @@ def test_channels_last_gives_the_same_training_step(device):
     images, targets = on(device, *batch())
     runs = []
     for memory_format in (torch.contiguous_format, torch.channels_last):
-        model = make_model("bn", device=device).to(memory_format=memory_format)
+        model = make_model("bn", device=device, arch=FPN).to(memory_format=memory_format)
         torch.manual_seed(3)
         base = base_step(model, images, targets)
         base.loss.backward()

@@ -4,9 +4,13 @@ from pathlib import Path
 
 import pytest
 
+import torch
+import torchvision
+
 from afan.config import ConfigError, load_config
 from Detection import test as det_test
 from Detection import train as det_train
+from Detection.models.faster_rcnn import model_settings
 from Detection.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,15 +19,16 @@ CONFIGS = ROOT / "Detection" / "configs"
 
 @pytest.fixture
 def tiny(tmp_path):
-    return ["model.name=fasterrcnn_resnet18_fpn", "model.min_size=64", "model.max_size=64",
-            "model.roi_batch_size=16", "data.name=shapes", "data.image_size=64", "data.train_size=8",
+    return ["model.name=fasterrcnn_resnet18_c4", "model.min_size=64", "model.max_size=64",
+            "model.anchor_sizes=[16,32,64]", "model.roi_batch_size=16", "data.name=shapes", "data.image_size=64", "data.train_size=8",
             "data.val_size=4", f"data.root={tmp_path / 'data'}", "data.workers=0", "batch_size=2",
             "log_every=1", "draw_images=1", "device=cpu", "afan.n=2", "afan.mask=01", "optim.warmup_iters=1"]
 
 
-@pytest.mark.parametrize("mode", ["base", "afan", "advprop"])
-def test_a_few_iterations_of_each_mode(tmp_path, tiny, mode, capsys):
-    extra = ["model.norm=bn"] if mode == "advprop" else []
+@pytest.mark.parametrize("mode, extra", [("base", []), ("afan", []), ("advprop", ["model.norm=bn"]),
+                                         ("afan", ["model.name=fasterrcnn_resnet18_fpn", "model.anchor_sizes=[16,32,64,128,256]"])],
+                         ids=["base", "afan", "advprop", "afan-fpn"])
+def test_a_few_iterations_of_each_mode(tmp_path, tiny, mode, extra, capsys):
     cfg = load_config(TrainConfig, overrides=[*tiny, f"mode={mode}", "iterations=2", f"out={tmp_path / 'run'}", *extra])
     summary = det_train.run(cfg)
     out = tmp_path / "run"
@@ -54,24 +59,91 @@ def test_test_script_reproduces_the_training_evaluation(tmp_path, tiny, capsys):
     assert (tmp_path / "eval" / "per_class_ap.csv").is_file()
 
 
-def test_configs_match_the_released_settings():
-    voc = load_config(TrainConfig, CONFIGS / "voc07_resnet50_afan.yaml")
-    assert (voc.batch_size, voc.optim.lr, voc.optim.steps, voc.iterations) == (8, 0.008, [6250, 8750], 11250)
-    a = voc.afan
-    assert (a.se_layer, a.se_steps, a.gamma_se, a.n, a.mask, a.sd, a.gamma_sd, a.w, a.only_roi) == \
-        ("layer2", 1, 1.0, 4, "0011", True, 0.1, 0.3, True)
-    coco = load_config(TrainConfig, CONFIGS / "coco_resnet50_afan.yaml")
-    assert (coco.model.min_size, coco.model.max_size, coco.model.anchor_sizes) == (800, 1333, [64, 128, 256, 512])
-    assert (coco.optim.lr, coco.optim.weight_decay, coco.optim.steps, coco.iterations) == \
-        (0.01, 1e-4, [120000, 160000], 180000)
-    assert coco.afan.gamma_se == 0.1
+# The release's settings, read from its repository (VITA-Group/CV_A-FAN, Detection/): the
+# training defaults of config/train_config.py and config/config.py (batch, lr, momentum 0.9,
+# weight decay 5e-4, warm-up 500 iterations from 1/3, sides 600/1000, anchors 128/256/512,
+# RPN top-n 12000/2000 training and 6000/300 test, smooth-L1 beta 1.0), and what each
+# script under sh/ passes to train_aug_final.py (--sd_adv_loss_weight defaults to 0.5).
+VOC_RUN = {"batch_size": 8, "iterations": 11250, "lr": 0.008, "weight_decay": 5e-4, "steps": [6250, 8750]}
+VOC_MODEL = {"min_size": 600, "max_size": 1000, "anchor_sizes": [128, 256, 512], "rpn_smooth_l1_beta": 1.0,
+             "rpn_post_nms_top_n": [2000, 300]}
+COCO_RUN = {"batch_size": 8, "iterations": 180000, "lr": 0.01, "weight_decay": 1e-4, "steps": [120000, 160000]}
+# --anchor_smooth_l1_loss_beta=0.1111; eval.py --rpn_post_nms_top_n=1000
+COCO_MODEL = {"min_size": 800, "max_size": 1333, "anchor_sizes": [64, 128, 256, 512], "rpn_smooth_l1_beta": 0.1111,
+              "rpn_post_nms_top_n": [2000, 1000]}
+# config: (data, run, model, (gamma_se, mask, gamma_sd, w, only_roi, mix_sd, noise_sd) or None)
+RELEASED = {
+    "voc07_resnet50_base": ("voc07", VOC_RUN, VOC_MODEL, None),  # sh/voc2007/clean50/080_voc_res50_clean_baseline.sh
+    "voc07_resnet50_afan": ("voc07", VOC_RUN, VOC_MODEL, (1.0, "0011", 0.1, 0.3, True, False, 0.0)),  # 090_final_setting1
+    "voc07_resnet50_afan_setting2": ("voc07", VOC_RUN, VOC_MODEL, (1.0, "0011", 0.05, 0.3, True, False, 0.0)),  # 091
+    "voc07_resnet50_afan_setting3": ("voc07", VOC_RUN, VOC_MODEL, (1.0, "0011", 0.2, 0.3, False, True, 0.0)),  # 092
+    "coco_resnet50_base": ("coco", COCO_RUN, COCO_MODEL, None),
+    "coco_resnet50_afan": ("coco", COCO_RUN, COCO_MODEL, (0.1, "0011", 0.1, 0.3, True, False, 0.0)),  # sh/coco/clean50/090
+    "coco_resnet50_afan_setting2": ("coco", COCO_RUN, COCO_MODEL, (0.1, "0011", 0.05, 0.3, True, False, 0.0)),  # 091
+    "coco_resnet50_afan_setting3": ("coco", COCO_RUN, COCO_MODEL, (0.1, "0011", 0.2, 0.3, False, True, 0.0)),  # 092
+    "coco_resnet50_afan_setting4": ("coco", COCO_RUN, COCO_MODEL, (0.1, "0011", 0.3, 0.5, False, True, 0.01)),  # 093
+    "coco_resnet50_afan_setting5": ("coco", COCO_RUN, COCO_MODEL, (0.1, "1100", 0.2, 0.3, False, True, 0.0)),  # 094
+    "coco_resnet50_afan_setting6": ("coco", COCO_RUN, COCO_MODEL, (0.1, "1100", 0.1, 0.3, True, False, 0.0)),  # 095
+}
+
+
+@pytest.mark.parametrize("name", RELEASED)
+def test_released_configs_hold_the_released_settings(name):
+    data, run, model, afan = RELEASED[name]
+    cfg = load_config(TrainConfig, CONFIGS / f"{name}.yaml")
+    assert cfg.mode == ("base" if afan is None else "afan") and cfg.data.name == data
+    assert cfg.out == f"runs/{name}"
+    o = cfg.optim
+    assert {"batch_size": cfg.batch_size, "iterations": cfg.iterations, "lr": o.lr, "weight_decay": o.weight_decay,
+            "steps": o.steps} == run
+    assert (o.momentum, o.decay, o.warmup_iters, o.warmup_factor) == (0.9, 0.1, 500, pytest.approx(1 / 3))
+    # R-50-C4 from torchvision's ImageNet file, conv1..layer1 and every BatchNorm frozen.
+    assert cfg.model.name == "fasterrcnn_resnet50_c4"
+    assert cfg.model.backbone_weights == "weights/resnet50-0676ba61.pth"
+    settings = model_settings(cfg.model.name, **cfg.model.settings())
+    assert {k: settings[k] for k in model} == model
+    assert (settings["trainable_layers"], settings["norm"], settings["roi_batch_size"]) == (3, "frozen", 128)
+    assert settings["rpn_pre_nms_top_n"] == [12000, 6000] and settings["rpn_post_nms_top_n"][0] == 2000
+    assert settings["roi_smooth_l1_beta"] == 1.0
+    if afan is None:
+        return
+    a = cfg.afan
+    assert (a.se_layer, a.se_steps, a.n, a.sd, a.sd_steps) == ("layer2", 1, 4, True, 1)
+    assert (a.gamma_se, a.mask, a.gamma_sd, a.w, a.only_roi, a.sd_mix, a.sd_noise) == afan
+    assert (a.attack_bn_stats, a.se_trains_head, a.aux_bn) == ("update", False, False)
+
+
+def test_every_config_parses_and_names_its_run_folder():
     for path in CONFIGS.glob("*.yaml"):
         assert load_config(TrainConfig, path).out.endswith(path.stem.replace("shapes", "shapes_det")), path
+
+
+def test_backbone_weights_reach_the_trained_model(tmp_path, tiny):
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet18()
+    torch.save(resnet.state_dict(), tmp_path / "resnet18.pth")
+    cfg = load_config(TrainConfig, overrides=[*tiny, "iterations=1", "optim.lr=1e-9", f"out={tmp_path / 'run'}",
+                                               f"model.backbone_weights={tmp_path / 'resnet18.pth'}"])
+    det_train.run(cfg)
+    state = torch.load(tmp_path / "run" / "final.pth", weights_only=True)["model"]
+    # layer1 is frozen: it ends the run exactly as the file had it.
+    for key, value in resnet.state_dict().items():
+        if key.startswith("layer1.") and not key.endswith("num_batches_tracked"):
+            assert torch.equal(state[f"backbone.body.{key}"], value), key
 
 
 def test_bad_settings_are_refused(tmp_path, tiny, capsys):
     with pytest.raises(ConfigError, match="model.norm=bn"):
         load_config(TrainConfig, overrides=["mode=advprop"])
+    with pytest.raises(ConfigError, match="representation_size is the FPN box head's width"):
+        load_config(TrainConfig, overrides=["model.representation_size=256"])
+    # A released config whose ImageNet backbone file is not there: one clear error, no run folder.
+    assert det_train.main(["--config", str(CONFIGS / "voc07_resnet50_afan.yaml"), f"out={tmp_path / 'v'}",
+                           f"model.backbone_weights={tmp_path / 'resnet50-0676ba61.pth'}", "device=cpu",
+                           *[o for o in tiny if o.startswith("data.")]]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "resnet50-0676ba61.pth does not exist" in err
+    assert not (tmp_path / "v").exists()
     assert det_train.main([*tiny, "data.name=voc07", f"data.root={tmp_path / 'none'}", f"out={tmp_path / 'r'}"]) == 2
     err = capsys.readouterr().err
     assert "VOCdevkit" in err and "shapes_base.yaml" in err

@@ -186,7 +186,8 @@ def test_segmentation_two_processes_match_one_process(tmp_path, mode):
 
 
 def _det_settings(tmp_path) -> list[str]:
-    return ["model.name=fasterrcnn_resnet18_fpn", "model.min_size=64", "model.max_size=64", "model.roi_batch_size=16",
+    return ["model.name=fasterrcnn_resnet18_c4", "model.min_size=64", "model.max_size=64", "model.roi_batch_size=16",
+            "model.anchor_sizes=[16,32,64]",
             "data.name=shapes", "data.image_size=64", "data.train_size=8", "data.val_size=2", "data.flip=false",
             f"data.root={tmp_path / 'data'}", "data.workers=0", "batch_size=4", "iterations=3", "log_every=1",
             "draw_images=0", "device=cpu", "deterministic=true", "afan.n=2", "afan.mask=01", "optim.warmup_iters=1",

@@ -15,7 +15,7 @@ from afan.norm import AuxBatchNorm2d
 # --- mix_statistics --------------------------------------------------------------------
 
 def _moments(a, axis):
-    return a.mean(axis=axis, keepdims=True), np.sqrt(a.var(axis=axis, keepdims=True) + 1e-5)
+    return a.mean(axis=axis, keepdims=True), np.sqrt(a.var(axis=axis, ddof=1, keepdims=True) + 1e-5)
 
 
 @pytest.mark.parametrize("dim", [1, (0, 2, 3)])
@@ -31,6 +31,51 @@ def test_mix_statistics_carries_adversarial_statistics_and_clean_content(dim):
     np.testing.assert_allclose(o.std(axis=dim, keepdims=True), a.std(axis=dim, keepdims=True), atol=1e-4, rtol=1e-4)
     # The content is the clean feature's: normalising the output gives the normalised clean input.
     np.testing.assert_allclose((o - am) / as_, (c - cm) / cs, atol=1e-4)
+
+
+def _mix_by_sums(clean, adv, dim, correction=1):
+    """The release's mixing written out with explicit sums: over the k values at every
+    position (``dim=1``: each (n, h, w); ``dim=(0, 2, 3)``: each channel) mean = sum / k,
+    var = sum((x - mean)^2) / (k - correction) (1: unbiased, as the release's ``.var``),
+    sigma = sqrt(var + 1e-5). Returns the mixed feature and the clean variances."""
+    axes = (dim,) if isinstance(dim, int) else dim
+    k = int(np.prod([clean.shape[a] for a in axes]))
+
+    def moments(t):
+        mean = t.sum(axis=axes, keepdims=True) / k
+        var = ((t - mean) ** 2).sum(axis=axes, keepdims=True) / (k - correction)
+        return mean, np.sqrt(var + 1e-5), var
+
+    (cm, cs, clean_var), (am, as_, _) = moments(clean), moments(adv)
+    return (clean - cm) / cs * as_ + am, clean_var
+
+
+@pytest.mark.parametrize("dim", [1, (0, 2, 3)])
+def test_mix_statistics_in_float64_is_the_release_formula_with_the_unbiased_variance(dim):
+    rng = np.random.default_rng(0)
+    clean = rng.normal(1.0, 2.0, (2, 4, 3, 3))
+    adv = rng.normal(-3.0, 0.5, (2, 4, 3, 3))
+    # One place whose variance is about 1e-5, the size of eps: a position's four channels
+    # (dim=1) or one channel over batch and space (dim=(0, 2, 3)).
+    small = (0, slice(None), 1, 2) if dim == 1 else (slice(None), 2)
+    clean[small] = 0.7 + 3e-3 * rng.choice([-1.0, 1.0], clean[small].shape)
+    out = afan.mix_statistics(torch.from_numpy(clean), torch.from_numpy(adv), dim=dim)
+    assert out.dtype == torch.float64
+
+    expected, clean_var = _mix_by_sums(clean, adv, dim)
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-12, atol=1e-12)
+    assert 5e-6 < clean_var[(0, 0, 1, 2) if dim == 1 else (0, 2, 0, 0)] < 2e-5
+
+    # With the biased variance (sum / k) the content part (out - adv mean) differs clearly at
+    # the small-variance place; elsewhere the factor k / (k - 1) nearly cancels between the
+    # clean and the adversarial sigma.
+    biased, _ = _mix_by_sums(clean, adv, dim, correction=0)
+    adv_mean = adv.mean(axis=dim, keepdims=True)
+    gap = np.abs((biased - adv_mean) / (expected - adv_mean) - 1)
+    assert gap[small].min() > 1e-2
+    elsewhere = np.ones(gap.shape, bool)
+    elsewhere[small] = False
+    assert gap[elsewhere].max() < 1e-3
 
 
 def test_mix_statistics_is_differentiable_and_checks_shapes():
@@ -276,6 +321,17 @@ def test_frozen_bn_stats_leaves_every_buffer_bit_identical(tiny_net, batch):
     model(x)
     assert not torch.equal(model.get_submodule("head.1").running_mean, buffers["head.1.running_mean"])
     assert all(m.track_running_stats for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_frozen_bn_stats_disabled_lets_the_passes_update_as_usual(tiny_net, batch):
+    x, _ = batch
+    reference = copy.deepcopy(tiny_net)
+    with afan.frozen_bn_stats(tiny_net, enabled=False):
+        tiny_net(x)
+    reference(x)
+    for (name, value), expected in zip(tiny_net.named_buffers(), reference.buffers()):
+        assert torch.equal(value, expected), name
+    assert tiny_net.get_submodule("head.1").num_batches_tracked == 1
 
 
 # --- Normalize ----------------------------------------------------------------------------

@@ -95,7 +95,8 @@ def test_classification_trains_in_bf16(tmp_path, device):
 
 def test_detection_trains_in_bf16(tmp_path, device):
     cfg = load_config(det_train.TrainConfig, overrides=[
-        "model.name=fasterrcnn_resnet18_fpn", "model.min_size=64", "model.max_size=64", "model.roi_batch_size=16",
+        "model.name=fasterrcnn_resnet18_c4", "model.min_size=64", "model.max_size=64", "model.roi_batch_size=16",
+        "model.anchor_sizes=[16,32,64]",
         "data.name=shapes", "data.image_size=64", "data.train_size=4", "data.val_size=2",
         f"data.root={tmp_path / 'data'}", "data.workers=0", "batch_size=2", "iterations=2", "draw_images=0",
         f"device={device}", "precision=bf16", "mode=afan", "afan.n=2", "afan.mask=01", f"out={tmp_path}/run"])

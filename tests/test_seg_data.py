@@ -3,11 +3,17 @@ import pytest
 import torch
 from PIL import Image
 
+from torchvision import tv_tensors
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
 from afan.shapes import SHAPE_CLASSES, ShapesDataset
+from Segmentation.config import EvalConfig
 from Segmentation.data import (
-    CITYSCAPES_CLASSES, VOC_CLASSES, DataConfig, DataError, SegmentationFiles, build_datasets, collate,
-    make_loader, voc_palette,
+    CITYSCAPES_CLASSES, VOC_CLASSES, DataConfig, DataError, RandomScale, SegmentationFiles, build_datasets,
+    center_crop_view, collate, make_loader, train_transform, voc_palette,
 )
+from Segmentation.evaluation import evaluate
 
 # --------------------------------------------------------------------------------------------
 # Fixtures in the real on-disk formats.  The grey level of an image pixel encodes the class of
@@ -360,3 +366,90 @@ def test_shapes_splits(tmp_path):
                                       scale_range=[1.0, 1.0], flip=False), seed=2)
     assert plain.train.transform is None
     assert plain.train[0][0].shape == (3, 32, 32)
+
+
+# --------------------------------------------------------------------------------------------
+# Resizing masks, colour jitter, the release's crop_val
+
+
+def exact_nearest(source: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Pixel-centre aligned nearest neighbour, from its definition: output pixel (i, j) takes
+    the source pixel under its centre, ((i + 0.5) * H / height, (j + 0.5) * W / width)."""
+    rows = np.floor((np.arange(height) + 0.5) * source.shape[0] / height).astype(int)
+    cols = np.floor((np.arange(width) + 0.5) * source.shape[1] / width).astype(int)
+    return source[rows][:, cols]
+
+
+@pytest.mark.parametrize("factor", [1.5, 0.75])
+def test_random_scale_keeps_mask_labels_under_their_pixel_centres(factor):
+    """At a non-integer scale, torch's plain NEAREST takes the source pixel at the output
+    pixel's corner: labels shift by up to one source pixel (e.g. 1.5x: output column 1 reads
+    column 0). The masks are resized by NEAREST_EXACT, which reads under the centre."""
+    ids = np.add.outer(np.arange(8) * 10, np.arange(12)).astype(np.int64)  # every pixel its own label
+    mask = tv_tensors.Mask(torch.from_numpy(ids))
+    image = tv_tensors.Image(torch.rand(3, 8, 12))
+    scaled_image, scaled = RandomScale(factor, factor)(image, mask)
+    height, width = round(8 * factor), round(12 * factor)
+    assert scaled.shape == (height, width) and scaled_image.shape == (3, height, width)
+    assert np.array_equal(scaled.numpy(), exact_nearest(ids, height, width))
+    corner = F.resize(mask, [height, width], interpolation=InterpolationMode.NEAREST)
+    assert not torch.equal(corner, scaled)  # what the masks were resized by before
+
+
+def test_colour_jitter_changes_the_image_only():
+    cfg = DataConfig(name="shapes", crop_size=0, scale_range=[1.0, 1.0], flip=False, color_jitter=0.5)
+    image, mask = torch.rand(3, 16, 16) * 0.5 + 0.25, torch.randint(0, 7, (16, 16))
+    torch.manual_seed(0)
+    jittered, same = train_transform(cfg)(tv_tensors.Image(image), tv_tensors.Mask(mask))
+    assert torch.equal(same, mask) and not torch.allclose(jittered, image)
+    assert 0 <= jittered.min() <= jittered.max() <= 1
+    assert train_transform(DataConfig(name="shapes", crop_size=0, scale_range=[1.0, 1.0], flip=False)) is None
+    with pytest.raises(ValueError, match=r"data.color_jitter=1.5 is not valid; use a number in \[0, 1\)"):
+        DataConfig(color_jitter=1.5)
+
+
+def test_center_crop_view_is_the_releases_crop_val(tmp_path):
+    """Shorter side resized to the crop size (40x48 -> 24x28, 32x48 -> 24x36: the longer side
+    rounded down, as torchvision does), then the centre crop; masks by pixel centres."""
+    make_voc(tmp_path)
+    val = build_datasets(DataConfig(name="voc12", root=str(tmp_path))).val
+    cropped = center_crop_view(val, 24)
+    assert len(cropped) == len(val)
+    for index, (height, width, left) in enumerate([(24, 28, 2), (24, 36, 6)]):
+        image, mask = cropped[index]
+        assert image.shape == (3, 24, 24) and mask.shape == (24, 24) and mask.dtype == torch.int64
+        original = val[index][1].numpy()
+        expected = exact_nearest(original, height, width)[:, left:left + 24]
+        assert np.array_equal(mask.numpy(), expected)
+        # The image went through the same resize and crop: away from class boundaries (the
+        # 3x3 neighbourhood in one class) its grey level still names the mask's class.
+        window = torch.nn.functional.pad(mask[None, None].float(), (1, 1, 1, 1), value=255)
+        patches = window.unfold(2, 3, 1).unfold(3, 3, 1)[0, 0]
+        interior = (patches == mask[..., None, None]).all(-1).all(-1) & (mask != 255)
+        assert interior.sum() > 100, interior.sum()
+        assert torch.equal(decode(image)[interior], mask[interior])
+
+
+def test_crop_evaluation_scores_the_centre_crops_in_batches(tmp_path):
+    make_voc(tmp_path)
+    val = build_datasets(DataConfig(name="voc12", root=str(tmp_path))).val
+    seen = []
+
+    class Background(torch.nn.Module):
+        """Predicts the background everywhere and records the batches it gets."""
+
+        def forward(self, images):
+            seen.append(tuple(images.shape))
+            logits = torch.zeros(len(images), 21, *images.shape[-2:])
+            logits[:, 0] = 1
+            return logits
+
+    scores = evaluate(Background(), val, "cpu", 21, EvalConfig(mode="crop", crop=24, batch_size=2))
+    assert seen == [(2, 3, 24, 24)]  # equal sizes: one stacked batch
+    masks = torch.stack([mask for _, mask in center_crop_view(val, 24)])
+    valid = masks != 255
+    assert scores["pixel_acc"] == pytest.approx(((masks == 0) & valid).sum().item() / valid.sum().item())
+    whole = evaluate(Background(), val, "cpu", 21, EvalConfig(mode="whole"))
+    assert seen[1:] == [(1, 3, 40, 48), (1, 3, 32, 48)] and whole["pixel_acc"] != scores["pixel_acc"]
+    with pytest.raises(ValueError, match="eval.mode='centre' is not valid; use whole, crop or sliding"):
+        EvalConfig(mode="centre")

@@ -1,5 +1,6 @@
 """DeepLabv3+: the DeepLabV3Plus-Pytorch layout, predictions against an independent composition
-of torchvision parts, the head/encode/decode cut, and loading."""
+of torchvision parts, the head/encode/fuse/classify cut (the decoder reading the clean
+low-level feature), where auxiliary BN goes, the backbone BN momentum, and loading."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,6 +9,9 @@ from torchvision.models._utils import IntermediateLayerGetter
 
 import afan
 from afan.checkpoint import CheckpointError
+from afan.config import load_config
+from Segmentation import train as seg_train
+from Segmentation.config import TrainConfig
 from Segmentation.models import SPLIT_POINTS, create_model, infer_arch, load_model
 from Segmentation.models.loading import checkpoint_payload, load_backbone_weights
 
@@ -120,7 +124,9 @@ def test_head_encode_decode_is_the_forward_pass(name, output_stride):
             torch.testing.assert_close(model.tail(feature, at, low_level, x.shape[-2:]), y, rtol=0, atol=0)
 
 
-def test_the_low_level_split_feeds_the_perturbed_feature_to_the_decoder_too():
+def test_the_decoder_reads_the_clean_low_level_feature_even_after_layer1():
+    """As released (the backbone's ``tail`` branch): the decoder gets the low-level feature the
+    caller passes, the clean one, also when the perturbed feature is layer1's output itself."""
     model = create_model("deeplabv3plus_mobilenet", 4).eval()
     x = torch.rand(1, 3, 33, 33)
     feature, low_level = model.head(x, "layer1")
@@ -128,8 +134,51 @@ def test_the_low_level_split_feeds_the_perturbed_feature_to_the_decoder_too():
     changed = feature + 0.5
     with torch.no_grad():
         via_tail = model.tail(changed, "layer1", low_level, x.shape[-2:])
-        by_hand = model.decode(model.encode(changed, "layer1"), changed, x.shape[-2:])
-    torch.testing.assert_close(via_tail, by_hand, rtol=0, atol=0)
+        torch.testing.assert_close(via_tail, model.decode(model.encode(changed, "layer1"), low_level, x.shape[-2:]),
+                                   rtol=0, atol=0)
+        assert not torch.allclose(via_tail, model.decode(model.encode(changed, "layer1"), changed, x.shape[-2:]))
+
+
+def test_decode_is_fuse_then_classify_on_the_304_channel_feature():
+    torch.manual_seed(0)
+    model = create_model("deeplabv3plus_resnet50", 4).eval()
+    x = torch.rand(2, 3, 41, 45)
+    with torch.no_grad():
+        feature, low_level = model.head(x, "layer3")
+        aspp = model.encode(feature, "layer3")
+        fused = model.fuse(aspp, low_level)
+        assert fused.shape == (2, 304, *low_level.shape[-2:])
+        torch.testing.assert_close(model.classify(fused, x.shape[-2:]), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("at,split", [("layer1", "backbone.low_level_features.3"),
+                                      ("layer3", "backbone.high_level_features.13")])
+def test_aux_bn_goes_where_the_adversarial_passes_perturb(at, split):
+    """Exactly the backbone after the split point, the ASPP and the decoder's convolutions; not
+    the low-level projection, which reads the clean feature in every pass (as released)."""
+    model = create_model("deeplabv3plus_mobilenet", 3)
+    names = [n for n, _ in model.named_modules()]
+    bns = [n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    expected = {n for n in bns if n.startswith("backbone.") and names.index(n) > names.index(split)
+                and not n.startswith(split + ".")}
+    expected |= {n for n in bns if n.startswith("classifier.aspp.")} | {"classifier.classifier.1"}
+    model.convert_aux_bn(at)
+    assert {n for n, m in model.named_modules() if isinstance(m, afan.AuxBatchNorm2d)} == expected
+    assert "classifier.project.1" in bns and len(expected) > 10
+
+
+def test_backbone_bn_momentum_reaches_every_backbone_bn_and_its_aux_branch():
+    cfg = load_config(TrainConfig, overrides=["model.name=deeplabv3plus_mobilenet", "mode=afan", "afan.aux_bn=true",
+                                              "afan.se_layer=layer2", "channels_last=false"])
+    assert cfg.model.backbone_bn_momentum == 0.01  # the release's default
+    model = seg_train.build_model(cfg, 3, torch.device("cpu"))
+    backbone = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert any(isinstance(m, afan.AuxBatchNorm2d) for m in backbone)  # converted after the momentum was set
+    assert {m.momentum for m in backbone} == {0.01}  # main and auxiliary branches
+    assert {m.momentum for m in model.classifier.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.1}
+    plain = seg_train.build_model(load_config(TrainConfig, overrides=["model.name=deeplabv3plus_mobilenet",
+                                                                      "model.backbone_bn_momentum=0.1"]), 3, "cpu")
+    assert {m.momentum for m in plain.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.1}
 
 
 def test_normalisation_is_not_in_the_state_dict_and_output_stride_sets_the_aspp_rates():
@@ -141,7 +190,7 @@ def test_normalisation_is_not_in_the_state_dict_and_output_stride_sets_the_aspp_
 
 def test_payload_round_trip_keeps_output_stride_and_drops_aux_bn(tmp_path):
     model = create_model("deeplabv3plus_mobilenet", 6, output_stride=8)
-    afan.convert_aux_bn(model, after=model.split_module("layer3"), example_input=torch.rand(2, 3, 33, 33))
+    model.convert_aux_bn("layer3")
     torch.save(checkpoint_payload(model), tmp_path / "m.pth")
     loaded = load_model(tmp_path / "m.pth")
     assert loaded.model_kwargs == {"output_stride": 8} and loaded.num_classes == 6

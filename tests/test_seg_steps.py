@@ -1,5 +1,6 @@
-"""Segmentation training steps: the losses, the attacks' bounds, untouched gradients and BN
-statistics, the attacks raising the loss, auxiliary BN and AdvProp."""
+"""Segmentation training steps: the losses, the attacks' bounds, untouched gradients, BN
+statistics updated (the release) or frozen by the attacks, SD at the concatenated feature, the
+attacks raising the loss, auxiliary BN and AdvProp."""
 import copy
 
 import pytest
@@ -65,21 +66,45 @@ def test_perturbations_stay_within_their_step_bounds(model, layer, device):
     assert result.perturbation.abs().max() > 0 and result.sd_perturbation.abs().max() > 0
 
 
-def test_attacks_leave_parameter_gradients_and_bn_statistics_alone(model, device):
+@pytest.mark.parametrize("bn_stats", ["update", "frozen"])
+def test_attacks_leave_parameter_gradients_alone_and_bn_statistics_as_configured(model, bn_stats, device):
     """The attack passes (forward and backward through the tail and the decoder) change no
-    parameter's .grad and no running statistic: with step size 0 they find the clean features,
-    so a step with attack passes must leave the model exactly as one without them."""
+    parameter's .grad. With step size 0 they find the clean features, so the only trace they
+    can leave is on BN running statistics: by default ("update", the release) they move them
+    like any training pass; "frozen" leaves them exactly as a step without attack passes."""
     model.to(device)
     images, masks = (t.to(device) for t in batch())
     without_attack = copy.deepcopy(model)
     for p in model.parameters():
         p.grad = torch.full_like(p, 0.25)
-    afan_step(model, images, masks, AfanConfig(se_steps=3, sd_steps=3, gamma_se=0.0, gamma_sd=0.0))
+    afan_step(model, images, masks, AfanConfig(se_steps=3, sd_steps=3, gamma_se=0.0, gamma_sd=0.0,
+                                               attack_bn_stats=bn_stats))
     assert all(torch.equal(p.grad, torch.full_like(p, 0.25)) for p in model.parameters())
-    afan_step(without_attack, images, masks, AfanConfig(se_steps=0, sd_steps=0))
+    afan_step(without_attack, images, masks, AfanConfig(se_steps=0, sd_steps=0, attack_bn_stats=bn_stats))
     after, expected = bn_state(model), bn_state(without_attack)
-    for key in expected:
-        torch.testing.assert_close(after[key], expected[key], rtol=0, atol=0, msg=key)
+    changed = [key for key in expected if not torch.equal(after[key], expected[key])]
+    if bn_stats == "frozen":
+        assert changed == []
+    else:
+        # Every BN the attacks run through: after the split point and in the decoder (the
+        # stem only runs in the clean pass, before the attacks).
+        counter = "classifier.classifier.1.num_batches_tracked"
+        assert counter in changed and "backbone.high_level_features.17.conv.1.1.running_mean" in changed
+        assert not any(key.startswith("backbone.low_level_features.") for key in changed)
+        assert after[counter] - expected[counter] == 6  # 3 SE and 3 SD attack steps
+
+
+def test_sd_at_concat_perturbs_the_decoders_concatenated_feature(model):
+    images, masks = batch()
+    low_level = model.head(images, "layer1").low_level
+    cfg = AfanConfig(sd_layer="concat", sd_steps=2, gamma_sd=3.0)
+    result = afan_step(model, images, masks, cfg)
+    # The projected low-level feature (48 channels) and the ASPP output (256) at stride 4.
+    assert result.sd_perturbation.shape == (4, 48 + 256, *low_level.shape[-2:])
+    assert result.sd_perturbation.abs().max().item() == pytest.approx(2 * 3.0 / 255, rel=1e-5)
+    mixed = afan_step(model, images, masks, AfanConfig(sd_layer="concat", sd_steps=2, gamma_sd=3.0, sd_mix=True))
+    assert mixed.losses["loss_sd"] != result.losses["loss_sd"]
+    torch.testing.assert_close(mixed.losses["loss_1"], result.losses["loss_1"])  # SE untouched by the SD setting
 
 
 def test_attacks_raise_the_loss_they_attack(model):
@@ -96,7 +121,7 @@ def test_attacks_raise_the_loss_they_attack(model):
 
 def test_aux_bn_takes_the_adversarial_statistics(model):
     images, masks = batch()
-    afan.convert_aux_bn(model, after=model.split_module("layer3"), example_input=images[:2])
+    model.convert_aux_bn("layer3")
     aux_layers = {n: m for n, m in model.named_modules() if isinstance(m, afan.AuxBatchNorm2d)}
     assert "classifier.classifier.1" in aux_layers and "classifier.project.1" not in aux_layers
     assert not any(n.startswith("backbone.low_level_features") for n in aux_layers)

@@ -1,20 +1,25 @@
 """Segmentation training and testing on tiny Shapes data: every mode, resume, evaluation during
-training, sliding-window inference, test.py (also on a DeepLabV3Plus-Pytorch file), configs."""
+training, the poly schedule and its floor, sliding-window inference, test.py (also on a
+DeepLabV3Plus-Pytorch file), bad backbone weights, the released configs end to end on tiny
+fixtures."""
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 from torch import nn
+from torchvision.models import mobilenet_v2
 
 from afan.checkpoint import load_checkpoint
 from afan.config import load_config
 from Segmentation import test as seg_test
 from Segmentation import train as seg_train
-from Segmentation.config import EvalConfig, TrainConfig
+from Segmentation.config import EvalConfig, OptimConfig, TrainConfig
 from Segmentation.evaluation import predict, window_starts
 from Segmentation.models import create_model
+from test_seg_data import make_cityscapes, make_voc  # the on-disk fixtures
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "Segmentation" / "configs"
@@ -60,13 +65,37 @@ def test_evaluation_during_training_keeps_the_best_model(tmp_path):
     assert best["miou"] == pytest.approx(max(logged)) and summary["best_miou"] >= max(logged)
 
 
-def test_lr_follows_the_poly_schedule_with_a_slower_backbone():
-    cfg = load_config(TrainConfig, overrides=["optim.lr=0.1", "optim.backbone_lr_factor=0.1", "optim.power=0.9"])
+def test_lr_is_the_poly_schedule_with_a_floor_and_a_slower_backbone():
+    """DeepLabV3Plus-Pytorch's PolyLR: each group at max(base * (1 - it / its) ** 0.9, min_lr)."""
+    assert OptimConfig().min_lr == 1e-6
+    cfg = load_config(TrainConfig, overrides=["optim.lr=0.1", "optim.backbone_lr_factor=0.1", "optim.power=0.9",
+                                              "optim.min_lr=1e-4"])
     model = create_model("deeplabv3plus_mobilenet", 3)
     optimizer = seg_train.make_optimizer(model, cfg.optim)
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.01, 0.1])
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+    scheduler = seg_train.make_scheduler(optimizer, 1000, cfg.optim)
+    rates = [[g["lr"] for g in optimizer.param_groups]]
+    for _ in range(1000):  # a run of 1000 iterations steps the schedule 1000 times
+        optimizer.step()
+        scheduler.step()
+        rates.append([g["lr"] for g in optimizer.param_groups])
+    assert rates[500] == pytest.approx([0.01 * 0.5 ** 0.9, 0.1 * 0.5 ** 0.9])
+    assert rates[990] == pytest.approx([0.01 * 0.01 ** 0.9, 0.1 * 0.01 ** 0.9])
+    assert rates[999] == pytest.approx([1e-4, 0.1 * 0.001 ** 0.9])  # the backbone's is floored first
+    assert rates[1000] == pytest.approx([1e-4, 1e-4])
+    assert all(min(r) >= 1e-4 for r in rates)
     assert seg_train.lr_factor(500, 1000, cfg.optim) == pytest.approx(0.5 ** 0.9)
+
+
+def test_a_group_at_rate_zero_stays_at_zero():
+    cfg = OptimConfig(backbone_lr_factor=0.0)
+    optimizer = seg_train.make_optimizer(create_model("deeplabv3plus_mobilenet", 3), cfg)
+    scheduler = seg_train.make_scheduler(optimizer, 10, cfg)
+    for _ in range(10):
+        optimizer.step()
+        scheduler.step()
+    assert [g["lr"] for g in optimizer.param_groups] == [0.0, cfg.min_lr]
 
 
 def test_sliding_windows_cover_the_image_and_agree_with_whole_for_a_pointwise_model():
@@ -104,21 +133,63 @@ def test_test_script_reads_deeplabv3plus_pytorch_files_and_reports_bad_input(tmp
 
 def test_missing_data_names_the_shapes_command(tmp_path, capsys):
     assert seg_train.main(["--config", str(CONFIGS / "voc12_resnet50_afan.yaml"), f"data.root={tmp_path}",
-                           f"out={tmp_path}/run"]) == 2
+                           "model.backbone_weights=", f"out={tmp_path}/run"]) == 2
     err = capsys.readouterr().err
     assert "VOCdevkit" in err and "shapes_afan.yaml" in err
 
 
-def test_configs_match_the_released_settings():
-    voc = load_config(TrainConfig, CONFIGS / "voc12_resnet50_afan.yaml")
-    assert (voc.mode, voc.model.name, voc.model.output_stride, voc.batch_size) == ("afan", "deeplabv3plus_resnet50", 16, 4)
-    assert (voc.data.name, voc.data.crop_size, voc.data.scale_range) == ("voc12", 513, [0.5, 2.0])
-    a = voc.afan
-    assert (a.se_layer, a.gamma_se, a.n, a.mask, a.sd, a.gamma_sd, a.w) == ("layer3", 0.01, 2, "11", True, 0.4, 0.3)
-    base = load_config(TrainConfig, CONFIGS / "voc12_resnet50_base.yaml")
-    assert base.mode == "base" and base.optim == voc.optim and base.iterations == voc.iterations == 30000
-    city = load_config(TrainConfig, CONFIGS / "cityscapes_resnet50_afan.yaml")
-    assert (city.data.name, city.data.crop_size, city.batch_size) == ("cityscapes", 768, 16)
+def _bad_weights(path, problem):
+    if problem == "foreign":  # another architecture's ImageNet weights
+        torch.save(mobilenet_v2().state_dict(), path)
+    elif problem == "truncated":  # a download cut short
+        torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, path)
+        path.write_bytes(path.read_bytes()[:200])
+
+
+@pytest.mark.parametrize("problem,message", [
+    ("missing", "does not exist; download https://download.pytorch.org/models/resnet50-0676ba61.pth "
+                r"\(torchvision's ResNet50_Weights.IMAGENET1K_V1\) to that path"),
+    ("foreign", "is not a torchvision ImageNet backbone for deeplabv3plus_resnet50"),
+    ("truncated", "resnet50-0676ba61.pth"),
+])
+def test_bad_backbone_weights_end_with_one_error(tmp_path, capsys, problem, message):
+    """A released config names weights/resnet50-0676ba61.pth: a missing, foreign or truncated
+    file there stops the run with one line and exit status 2, before any run folder exists."""
+    weights = tmp_path / "weights" / "resnet50-0676ba61.pth"
+    weights.parent.mkdir()
+    _bad_weights(weights, problem)
+    shapes = ["data.name=shapes", "data.image_size=32", "data.train_size=2", "data.val_size=2", "data.crop_size=0",
+              "data.scale_range=[1.0,1.0]", "data.workers=0", "device=cpu"]
+    assert seg_train.main(["--config", str(CONFIGS / "voc12_resnet50_afan.yaml"), f"model.backbone_weights={weights}",
+                           *shapes, f"out={tmp_path}/run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("error:") == 1 and len(err.strip().splitlines()) == 1, err
+    assert re.search(message, err), err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("config", ["voc12_resnet50_afan.yaml", "cityscapes_resnet50_afan.yaml"])
+def test_a_released_config_trains_and_evaluates(tmp_path, config):
+    """The released settings end to end (A-FAN as released, crop_val on VOC, SD at concat
+    with mixing and colour jitter on Cityscapes), on the tiny on-disk fixtures with a small
+    model, random weights and small crops."""
+    if config.startswith("voc12"):
+        make_voc(tmp_path)
+        sizes = ["data.crop_size=32", "eval.crop=24"]
+    else:
+        make_cityscapes(tmp_path)
+        sizes = ["data.crop_size=16"]
+    cfg = load_config(TrainConfig, CONFIGS / config, [
+        "model.backbone_weights=", "model.name=deeplabv3plus_mobilenet", f"data.root={tmp_path}", "data.workers=0",
+        *sizes, "iterations=2", "batch_size=2", "eval_every=0", "eval.save_images=0", "device=cpu",
+        f"out={tmp_path}/run"])
+    summary = seg_train.run(cfg)
+    assert 0 <= summary["miou"] <= 1
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert "loss_sd" in rows[0] and rows[1].startswith("2,")  # one row: the last iteration
+
+
+def test_shapes_configs_train_from_random_weights_on_the_built_in_data():
     for mode in ("base", "afan", "advprop"):
         shapes = load_config(TrainConfig, CONFIGS / f"shapes_{mode}.yaml")
-        assert shapes.mode == mode and shapes.data.name == "shapes"
+        assert shapes.mode == mode and shapes.data.name == "shapes" and shapes.model.backbone_weights == ""

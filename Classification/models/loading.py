@@ -1,9 +1,10 @@
 """Loading classification checkpoints into plain evaluation models, and the format they use.
 
-``load_model`` reads three formats: this project's ``{"model", "arch", "num_classes"}``
-(``checkpoint_payload``), plain state dicts (also under a ``state_dict`` key), and the
-original A-FAN release; ``module.`` prefixes from (Distributed)DataParallel are removed. Every problem
-with the file becomes one ``CheckpointError`` that names it; nothing is loaded partially.
+``load_model`` reads three formats: this project's ``{"model", "arch", "num_classes", "mean",
+"std"}`` (``checkpoint_payload``; ``mean``/``std`` are the model's input normalisation),
+plain state dicts (also under a ``state_dict`` key), and the original A-FAN release;
+``module.`` prefixes from (Distributed)DataParallel are removed. Every problem with the file
+becomes one ``CheckpointError`` that names it; nothing is loaded partially.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from afan import strip_aux_state_dict
 from afan.checkpoint import (CheckpointError, key_mismatches, load_checkpoint, resolve_architecture,
                              resolve_num_classes)
 
+from .efficientnet import ARCHS as EFFICIENTNETS
 from .registry import MODEL_NAMES, create_model, model_class
 from .release import convert_release_state_dict, is_release_state_dict
 
@@ -25,8 +27,11 @@ _EXAMPLES = 5  # keys quoted per kind of difference in error messages
 
 
 def checkpoint_payload(model: nn.Module) -> dict:
-    """What training scripts save and ``load_model`` reads back."""
-    return {"model": model.state_dict(), "arch": model.arch, "num_classes": model.num_classes}
+    """What training scripts save and ``load_model`` reads back. The input normalisation is
+    recorded because it is not in the state dict and need not be the name's default
+    (``input_norm``, ``mean=``/``std=``)."""
+    return {"model": model.state_dict(), "arch": model.arch, "num_classes": model.num_classes,
+            "mean": model.normalize.mean.tolist(), "std": model.normalize.std.tolist()}
 
 
 def _strip_data_parallel(state: Mapping) -> dict:
@@ -43,7 +48,16 @@ def _unpack(path: Path, checkpoint: Mapping):
     """``(state, arch, num_classes, normalisation kwargs)``; arch/num_classes None if unknown."""
     if isinstance(checkpoint.get("model"), Mapping):
         state = _strip_data_parallel(checkpoint["model"])
-        return state, checkpoint.get("arch"), checkpoint.get("num_classes"), {}
+        arch = checkpoint.get("arch")
+        if "mean" in checkpoint and "std" in checkpoint:
+            norm = {"mean": checkpoint["mean"], "std": checkpoint["std"]}
+        elif arch in EFFICIENTNETS:
+            # Written before checkpoints recorded the normalisation, when every EfficientNet
+            # normalised with mean = std = 0.5 (now the default of the bare name is ImageNet's).
+            norm = {"mean": (0.5,) * 3, "std": (0.5,) * 3}
+        else:
+            norm = {}
+        return state, arch, checkpoint.get("num_classes"), norm
     if isinstance(checkpoint.get("state_dict"), Mapping):
         state = _strip_data_parallel(checkpoint["state_dict"])
         if not is_release_state_dict(state):  # e.g. timm's training script's format

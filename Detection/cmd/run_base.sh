@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Train the released VOC2007 Faster R-CNN R-50-FPN baseline. Extra arguments pass through, e.g.
+# Train the released VOC2007 Faster R-CNN R-50-C4 baseline (ImageNet ResNet-50 from
+# weights/resnet50-0676ba61.pth, see Detection/README.md). Extra arguments pass through, e.g.
 #   bash cmd/run_base.sh --config configs/coco_resnet50_base.yaml
 #   bash cmd/run_base.sh --config configs/shapes_base.yaml     (built-in data, no download)
 set -euo pipefail

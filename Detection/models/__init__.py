@@ -1,8 +1,12 @@
-"""Faster R-CNN (torchvision) for A-FAN: model building and loading, and one training pass
-cut into ``prepare`` / ``head`` / ``tail`` with the RoI part exposed (``parts``)."""
-from .faster_rcnn import MODEL_NAMES, DetectionModel, create_model
+"""Faster R-CNN (the release's R-C4 and torchvision's FPN) for A-FAN: model building, ImageNet
+backbone weights and checkpoint loading, and one training pass cut into ``prepare`` /
+``head`` / ``tail`` with the RoI part exposed (``parts``)."""
+from .backbone_weights import WEIGHT_URLS, load_backbone_weights
+from .faster_rcnn import DEFAULTS, MODEL_NAMES, DetectionModel, create_model, family
 from .loading import checkpoint_payload, load_model
-from .parts import RoiSample, TailState, box_losses, forward_losses, head, prepare, roi_losses, tail
+from .parts import (RoiSample, TailState, forward_losses, head, predictor_losses, prepare, roi_training_losses,
+                    tail)
 
-__all__ = ["MODEL_NAMES", "DetectionModel", "RoiSample", "TailState", "box_losses", "checkpoint_payload",
-           "create_model", "forward_losses", "head", "load_model", "prepare", "roi_losses", "tail"]
+__all__ = ["DEFAULTS", "MODEL_NAMES", "WEIGHT_URLS", "DetectionModel", "RoiSample", "TailState", "checkpoint_payload",
+           "create_model", "family", "forward_losses", "head", "load_backbone_weights", "load_model",
+           "predictor_losses", "prepare", "roi_training_losses", "tail"]

@@ -1,14 +1,15 @@
 """One Faster R-CNN training pass, cut into pieces A-FAN can reach into.
 
-torchvision's ``GeneralizedRCNN.forward`` runs transform → backbone body → FPN → RPN →
-RoI heads in one call. Here the same public modules run in the same order (so with the same
-seed the losses are torchvision's, bit for bit), split so that
+``GeneralizedRCNN.forward`` runs transform → backbone body → neck (FPN, or nothing for C4)
+→ RPN → RoI heads in one call. Here the same modules run in the same order (so with the same
+seed the losses are the model's own, bit for bit), split so that
 
 * ``prepare`` resizes/normalises once per step,
 * ``head`` computes the clean backbone features up to a split point once per step,
 * ``tail`` finishes the pass from a (possibly perturbed) feature at that split point,
-* ``roi_losses``/``box_losses`` expose the pooled RoI features before the box head, and
-  the sampled RoIs, so the decoder-side attack and its loss reuse the clean pass's RoIs.
+* ``roi_training_losses``/``predictor_losses`` expose the RoI head's output (the box features the
+  class and box linears read: C4 layer4 + max-pool, FPN the two-layer box head) and the
+  sampled RoIs, so the decoder-side attack (SD) and its loss reuse the clean pass's RoIs.
 """
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+import torch.nn.functional as F
 from torchvision.models.detection.image_list import ImageList
-from torchvision.models.detection.roi_heads import fastrcnn_loss
 
 Targets = list[dict[str, Tensor]]
 RoiFeatureFn = Callable[[Tensor], Tensor]
@@ -27,23 +28,23 @@ RoiFeatureFn = Callable[[Tensor], Tensor]
 
 @dataclass
 class RoiSample:
-    """The RoIs the box head was trained on in one pass, and their pooled features.
+    """The RoIs the box head was trained on in one pass, and the RoI head's output for them.
 
-    Sampling (``select_training_samples``) draws random RoIs, so an attack on the pooled
-    features and the loss on its result must both use this record to see the same RoIs.
+    Sampling (``select_training_samples``) draws random RoIs, so an attack on the box features
+    and the loss on its result must both use this record to see the same RoIs.
     """
 
     proposals: list[Tensor]
     labels: list[Tensor]
     regression_targets: list[Tensor]
-    pooled: Tensor  # box_roi_pool output, before the box head (still in the graph)
+    box_features: Tensor  # box_head output, what the predictor reads (still in the graph)
 
 
 @dataclass
 class TailState:
     """What a tail pass leaves behind besides its losses."""
 
-    features: "OrderedDict[str, Tensor]"  # FPN outputs
+    features: "OrderedDict[str, Tensor]"  # the maps the RPN and RoI pooling read
     proposals: list[Tensor]  # RPN proposals
     roi: RoiSample
 
@@ -100,34 +101,47 @@ def head(model, image_tensors: Tensor, at: str) -> "OrderedDict[str, Tensor]":
     raise ValueError(f"{model.arch}: the backbone has no stage {at!r}")  # unreachable for ResNets
 
 
-def box_losses(model, pooled: Tensor, labels: list[Tensor], regression_targets: list[Tensor]) -> dict[str, Tensor]:
-    """Box head → box predictor → ``fastrcnn_loss`` on pooled RoI features."""
-    class_logits, box_regression = model.roi_heads.box_predictor(model.roi_heads.box_head(pooled))
-    loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
+def fast_rcnn_loss(class_logits: Tensor, box_regression: Tensor, labels: list[Tensor],
+                   regression_targets: list[Tensor], beta: float) -> tuple[Tensor, Tensor]:
+    """torchvision's ``fastrcnn_loss`` with the smooth-L1 ``beta`` as an argument (torchvision
+    fixes 1/9): cross-entropy over the sampled RoIs, and the box loss of the positive ones
+    at their class, summed and divided by the number of sampled RoIs."""
+    labels, regression_targets = torch.cat(labels), torch.cat(regression_targets)
+    classification = F.cross_entropy(class_logits, labels)
+    positive = torch.where(labels > 0)[0]
+    boxes = box_regression.reshape(len(labels), -1, 4)[positive, labels[positive]]
+    box = F.smooth_l1_loss(boxes, regression_targets[positive], beta=beta, reduction="sum") / labels.numel()
+    return classification, box
+
+
+def predictor_losses(roi_heads, box_features: Tensor, labels: list[Tensor],
+                     regression_targets: list[Tensor]) -> dict[str, Tensor]:
+    """Box predictor (the class and box linears) → loss, on the RoI head's output."""
+    class_logits, box_regression = roi_heads.box_predictor(box_features)
+    loss_classifier, loss_box_reg = fast_rcnn_loss(class_logits, box_regression, labels, regression_targets,
+                                                   roi_heads.smooth_l1_beta)
     return {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
 
 
-def roi_losses(model, features, proposals: list[Tensor], image_sizes, targets: Targets,
-               roi_feature_fn: Optional[RoiFeatureFn] = None) -> tuple[dict[str, Tensor], RoiSample]:
-    """RoI-head losses as torchvision's ``RoIHeads.forward`` computes them in training:
-    sample RoIs (random), pool them, optionally pass the pooled features through
-    ``roi_feature_fn``, then box head, predictor and loss. Returns the losses and the
-    ``RoiSample`` (with the untransformed pooled features) for reuse."""
-    heads = model.roi_heads
-    proposals, _, labels, regression_targets = heads.select_training_samples(proposals, targets)
-    pooled = heads.box_roi_pool(features, proposals, image_sizes)
-    sample = RoiSample(proposals, labels, regression_targets, pooled)
-    used = pooled if roi_feature_fn is None else roi_feature_fn(pooled)
-    return box_losses(model, used, labels, regression_targets), sample
+def roi_training_losses(roi_heads, features, proposals: list[Tensor], image_sizes, targets: Targets,
+                        roi_feature_fn: Optional[RoiFeatureFn] = None) -> tuple[dict[str, Tensor], RoiSample]:
+    """The RoI heads' training losses: sample RoIs (random), pool them, run the RoI head,
+    optionally pass its output through ``roi_feature_fn``, then predictor and loss. Returns
+    the losses and the ``RoiSample`` (with the untransformed box features) for reuse."""
+    proposals, _, labels, regression_targets = roi_heads.select_training_samples(proposals, targets)
+    box_features = roi_heads.box_head(roi_heads.box_roi_pool(features, proposals, image_sizes))
+    sample = RoiSample(proposals, labels, regression_targets, box_features)
+    used = box_features if roi_feature_fn is None else roi_feature_fn(box_features)
+    return predictor_losses(roi_heads, used, labels, regression_targets), sample
 
 
 def tail(model, feats: "OrderedDict[str, Tensor]", at: str, images: ImageList, targets: Targets, *,
          sd: Optional[RoiFeatureFn] = None, return_state: bool = False):
     """Finish the training pass from ``feats = head(...)`` (``feats[at]`` may be replaced by
-    a perturbed feature): remaining body stages, FPN, RPN, RoI heads. Returns the four
+    a perturbed feature): remaining body stages, neck, RPN, RoI heads. Returns the four
     losses in torchvision's order (``loss_classifier``, ``loss_box_reg``,
     ``loss_objectness``, ``loss_rpn_box_reg``), and with ``return_state=True`` also a
-    ``TailState``. ``sd`` transforms the pooled RoI features before the box head."""
+    ``TailState``. ``sd`` transforms the RoI head's output before the predictor."""
     _check_split(model, at)
     body = model.backbone.body
     outputs = OrderedDict(feats)
@@ -136,11 +150,11 @@ def tail(model, feats: "OrderedDict[str, Tensor]", at: str, images: ImageList, t
     for name, module in _body_children(model)[names.index(at) + 1:]:
         x = module(x)
         outputs[name] = x
-    # IntermediateLayerGetter's output: the returned stages under the FPN's key names.
+    # IntermediateLayerGetter's output: the returned stages under their key names.
     body_out = OrderedDict((key, outputs[layer]) for layer, key in body.return_layers.items())
-    features = model.backbone.fpn(body_out)
+    features = model.neck(body_out)
     proposals, rpn_losses = model.rpn(images, features, targets)
-    losses, roi = roi_losses(model, features, proposals, images.image_sizes, targets, sd)
+    losses, roi = roi_training_losses(model.roi_heads, features, proposals, images.image_sizes, targets, sd)
     losses.update(rpn_losses)
     return (losses, TailState(features, proposals, roi)) if return_state else losses
 

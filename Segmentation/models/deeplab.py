@@ -9,8 +9,10 @@ non-persistent buffers: images are in [0, 1] and the state dict holds no extra k
 The backbone runs as an ordered list of named blocks. ``head(x, at)`` runs the blocks up to
 split point ``at`` and also returns the low-level feature the decoder reads (ResNet
 ``layer1``, stride 4); ``encode(h, at)`` runs the rest of the backbone and the ASPP;
-``decode`` fuses the ASPP output with the low-level feature into logits at image size.
-``forward(x)`` is exactly ``decode(encode(*head(x, at)), ...)`` for any ``at``.
+``decode`` is ``fuse`` (the projected low-level feature concatenated with the upsampled ASPP
+output, 304 channels: the release's ``concat`` feature) then ``classify`` (the decoder's
+convolutions, logits upsampled to image size). ``forward(x)`` is exactly
+``decode(encode(*head(x, at)), ...)`` for any ``at``.
 """
 from __future__ import annotations
 
@@ -25,9 +27,13 @@ from torch import Tensor, nn
 from torchvision.models import mobilenet_v2, resnet50, resnet101
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
+import afan
 from afan.input_norm import IMAGENET_MEAN, IMAGENET_STD, Normalize
 
 SPLIT_POINTS = ("layer1", "layer2", "layer3", "layer4")
+# Where SD perturbs the decoder: the ASPP output (the VOC release) or the concatenated
+# feature ``fuse`` returns (the Cityscapes release).
+SD_LAYERS = ("aspp", "concat")
 OUTPUT_STRIDES = (8, 16)
 ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}  # DeepLabv3+'s rates for each output stride
 ASPP_DROPOUT = 0.1  # DeepLabV3Plus-Pytorch's (torchvision's ASPP defaults to 0.5)
@@ -137,10 +143,11 @@ class DecoderHead(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def decode(self, aspp_out: Tensor, low_level: Tensor) -> Tensor:
+    def fuse(self, aspp_out: Tensor, low_level: Tensor) -> Tensor:
+        """The projected low-level feature and the upsampled ASPP output, concatenated."""
         low = self.project(low_level)
         up = F.interpolate(aspp_out, size=low.shape[-2:], mode="bilinear", align_corners=False)
-        return self.classifier(torch.cat([low, up], dim=1))
+        return torch.cat([low, up], dim=1)
 
 
 class DeepLabV3Plus(nn.Module):
@@ -162,11 +169,6 @@ class DeepLabV3Plus(nn.Module):
         self._blocks = blocks
         self._split = split
         self._low_level = blocks.index(low_level)
-
-    def split_module(self, at: str) -> str:
-        """The module name whose output ``head(x, at)`` perturbs (for ``convert_aux_bn``)."""
-        self._check_split(at)
-        return f"backbone.{self._split[at]}"
 
     def _check_split(self, at: str) -> int:
         if at not in self._split:
@@ -191,17 +193,43 @@ class DeepLabV3Plus(nn.Module):
         out, _ = self._run(feature, self._check_split(at) + 1, len(self._blocks))
         return self.classifier.aspp(out)
 
-    def decode(self, aspp_out: Tensor, low_level: Tensor, size) -> Tensor:
-        """Decoder logits, bilinearly upsampled to ``size`` (the image's height, width)."""
-        logits = self.classifier.decode(aspp_out, low_level)
+    def fuse(self, aspp_out: Tensor, low_level: Tensor) -> Tensor:
+        """The decoder's concatenated feature (``DECODER_IN`` channels at stride 4)."""
+        return self.classifier.fuse(aspp_out, low_level)
+
+    def classify(self, fused: Tensor, size) -> Tensor:
+        """Logits from the concatenated feature, bilinearly upsampled to ``size`` (the
+        image's height, width)."""
+        logits = self.classifier.classifier(fused)
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
+    def decode(self, aspp_out: Tensor, low_level: Tensor, size) -> Tensor:
+        """Decoder logits at ``size``: ``classify(fuse(aspp_out, low_level), size)``."""
+        return self.classify(self.fuse(aspp_out, low_level), size)
+
     def tail(self, feature: Tensor, at: str, low_level: Tensor, size) -> Tensor:
-        """Logits from a (possibly perturbed) feature at ``at``. When ``at`` is the low-level
-        block, the decoder reads ``feature`` there too (it *is* that block's output)."""
-        if self._split[at] == self._blocks[self._low_level]:
-            low_level = feature
+        """Logits from a (possibly perturbed) feature at ``at``, the decoder reading the
+        ``low_level`` feature it is given. As released, that is the clean one even when ``at``
+        is the low-level block itself (``layer1``): the perturbation then reaches the decoder
+        only through the rest of the backbone and the ASPP."""
         return self.decode(self.encode(feature, at), low_level, size)
+
+    def convert_aux_bn(self, at: str) -> None:
+        """Auxiliary BN (``afan.convert_aux_bn``) in the layers A-FAN's adversarial passes
+        perturb: the backbone blocks after ``at``, the ASPP and the decoder's convolutions.
+        The low-level projection keeps plain BN: every pass gives it the clean feature."""
+        self._check_split(at)
+        afan.convert_aux_bn(self.backbone, after=self._split[at])
+        afan.convert_aux_bn(self.classifier.aspp)
+        afan.convert_aux_bn(self.classifier.classifier)
+
+    def set_backbone_bn_momentum(self, momentum: float) -> None:
+        """The running-statistics momentum of every BatchNorm in the backbone (auxiliary
+        branches included); the decoder's keep PyTorch's 0.1. The release sets 0.01
+        (DeepLabV3Plus-Pytorch's ``set_bn_momentum(model.backbone, 0.01)``)."""
+        for m in self.backbone.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = momentum
 
     def parts_to_compile(self) -> list[nn.Module]:
         """The backbone blocks, the ASPP and the decoder's layers, which head, encode and

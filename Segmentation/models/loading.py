@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torchvision.models import MobileNet_V2_Weights, ResNet50_Weights, ResNet101_Weights
 
 from afan import strip_aux_state_dict
 from afan.checkpoint import (CheckpointError, key_mismatches, load_checkpoint, resolve_architecture,
@@ -22,6 +23,11 @@ from afan.checkpoint import (CheckpointError, key_mismatches, load_checkpoint, r
 from .deeplab import MODEL_NAMES, DeepLabV3Plus, check_name, create_model
 
 _EXAMPLES = 5
+# torchvision's ImageNet weights of each backbone (IMAGENET1K_V1: the ones the release started
+# from), named when the file is missing so users know what to fetch.
+IMAGENET_WEIGHTS = {"deeplabv3plus_resnet50": ResNet50_Weights.IMAGENET1K_V1,
+                    "deeplabv3plus_resnet101": ResNet101_Weights.IMAGENET1K_V1,
+                    "deeplabv3plus_mobilenet": MobileNet_V2_Weights.IMAGENET1K_V1}
 
 
 def checkpoint_payload(model: nn.Module) -> dict:
@@ -98,8 +104,16 @@ def load_backbone_weights(model: DeepLabV3Plus, path) -> None:
     """Load a torchvision ImageNet state dict (``resnet50-*.pth``, ``mobilenet_v2-*.pth``,
     read from disk, nothing downloaded) into ``model.backbone``. The classifier (``fc``,
     ``classifier``) and MobileNetV2's last 1x1 block, which DeepLabv3+ does not use, are
-    skipped; anything else that does not fit is a ``CheckpointError``."""
+    skipped; anything else that does not fit, a missing or unreadable file included, is a
+    ``CheckpointError``."""
     path = Path(path)
+    if not path.is_file():
+        weights = IMAGENET_WEIGHTS[model.arch]
+        reason = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise CheckpointError(
+            f"the ImageNet backbone weights {path} (model.backbone_weights) {reason}; download "
+            f"{weights.url} (torchvision's {type(weights).__name__}.IMAGENET1K_V1) to that path, or set "
+            "model.backbone_weights= (empty) to start from random weights")
     checkpoint = load_checkpoint(path)
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint.get("state_dict"), Mapping) else checkpoint
     expected = model.backbone.state_dict()
