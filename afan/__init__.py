@@ -4,10 +4,11 @@ adversarial BatchNorm (AdvProp), for any PyTorch vision model.
 The method in five calls::
 
     h = head(x)                                            # clean feature
-    with afan.frozen_bn_stats(model):                      # attack leaves BN stats alone
+    with afan.frozen_bn_stats(model):                      # optional: attack leaves BN stats alone
         h_adv = afan.feature_pgd(h, lambda f: loss(tail(f), y), steps=5, step_size=0.5 / 255)
-    feats = afan.interpolate(h, h_adv, n=2)                # several strengths
-    feats = afan.mix_by_mask(h, feats, "01")               # adversarial feature normalization
+    clean = h.detach()                                     # as released: strengths train the tail
+    feats = afan.interpolate(clean, h_adv, n=2)            # several strengths
+    feats = afan.mix_by_mask(clean, feats, "01")           # adversarial feature normalization
     with afan.use_aux_bn(model):                           # auxiliary BN for adversarial passes
         loss_adv = sum(loss(tail(f), y) for f in feats)
 """

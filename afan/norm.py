@@ -5,7 +5,7 @@
 * ``AuxBatchNorm2d`` with ``use_aux_bn``, ``convert_aux_bn`` and ``strip_aux_bn``: AdvProp's
   auxiliary BatchNorm, laid out like timm's ``SplitBatchNorm2d`` so its checkpoints load.
 * ``frozen_bn_stats``: run attack passes with batch statistics without touching running
-  statistics (the release polluted them).
+  statistics (a deliberate option: the release's attack passes update them).
 """
 from __future__ import annotations
 

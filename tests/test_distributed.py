@@ -128,12 +128,11 @@ def _iteration_reference(task: str, cfg) -> dict:
     rng_states = [torch.get_rng_state()] * 2  # the processes start from the same seed
     if task == "segmentation":
         optimizer = seg_train.make_optimizer(model, cfg.optim)
-        schedule = lambda it: seg_train.lr_factor(it, cfg.iterations, cfg.optim)  # noqa: E731
+        scheduler = seg_train.make_scheduler(optimizer, cfg.iterations, cfg.optim)
     else:
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
                                     momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
-        schedule = lambda it: det_train.lr_factor(it, cfg.optim)  # noqa: E731
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: det_train.lr_factor(it, cfg.optim))
     stream = iter(ResumableSampler(len(splits.train), cfg.seed))
     step = _Step(model, lambda m, images, labels: module.training_step(m, images, labels, cfg))
     half = cfg.batch_size // 2
