@@ -12,7 +12,8 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from afan.config import ConfigError, load_config
+from afan.cli import FAILURES, failure_status
+from afan.config import load_config
 from afan.rundir import MetricsLog
 from Classification.train import run
 from Classification.config import TrainConfig
@@ -56,16 +57,15 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="runs/compare", help="folder of the two runs (replaced)")
     parser.add_argument("--figure", default=str(FIGURE), help="where to write the comparison plot")
     args = parser.parse_intermixed_args(argv)
-    summaries, folders = [], {}
+    summaries, folders, cfg = [], {}, None
     try:
         for mode in MODES:
             folders[mode] = Path(args.out) / mode
             cfg = load_config(TrainConfig, CONFIGS / f"shapes_{mode}.yaml",
                               [*args.overrides, f"out={folders[mode]}"])
             summaries.append(run(cfg, overwrite=True))
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except FAILURES as error:
+        return failure_status(error, cfg, module="Classification.train", configs=CONFIGS)
     plot(folders, Path(args.figure))
     print(table(summaries))
     print(f"plot: {args.figure}")

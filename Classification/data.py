@@ -40,7 +40,7 @@ from torch.utils.data import Dataset, Subset
 from torchvision import datasets, transforms
 
 from afan.loading import DataError, load_rgb, make_loader
-from afan.shapes import ShapesDataset
+from afan.shapes import MIN_IMAGE_SIZE, ShapesDataset
 
 __all__ = ["DataConfig", "DataError", "Splits", "build_datasets", "make_loader"]
 
@@ -68,6 +68,9 @@ class DataConfig:
                 raise ValueError(f"data.{field_name}={value!r} is not valid; use an integer >= 1")
         if not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 0:
             raise ValueError(f"data.workers={self.workers!r} is not valid; use an integer >= 0 (0 = load in the main process)")
+        if self.name == "shapes" and self.image_size < MIN_IMAGE_SIZE:
+            raise ValueError(f"data.image_size={self.image_size} is too small for the Shapes images; use an integer "
+                             f">= {MIN_IMAGE_SIZE}")
 
 
 @dataclass

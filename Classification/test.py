@@ -1,11 +1,14 @@
 """Score a classifier checkpoint: top-1/top-5 on validation or test data, optionally under
 pixel PGD.
 
-    python -m Classification.test --checkpoint runs/shapes_afan/best.pth data.name=shapes
+    python -m Classification.test --checkpoint runs/shapes_afan/best.pth
     python -m Classification.test --checkpoint AFAN_resnet56.pth.tar data.name=cifar10 --pgd-eps 2
 
-Accepts this project's checkpoints, plain state dicts (with --model) and the original
-release's checkpoints. Prints one line ``SUMMARY {json}``.
+The data settings are those of the run that wrote the checkpoint (its ``config.yaml``), so a
+run is scored on what it was trained and tested on; ``data.KEY=VALUE`` changes them, and the
+script says which. Accepts this project's checkpoints, plain state dicts (with --model) and
+the original release's checkpoints (no ``config.yaml``: name the data). Prints one line
+``SUMMARY {json}``.
 """
 from __future__ import annotations
 
@@ -16,10 +19,11 @@ import sys
 import torch
 
 from afan.checkpoint import CheckpointError
-from afan.config import ConfigError, load_config
+from afan.cli import add_test_arguments, non_negative_float, non_negative_int, positive_int, test_config
+from afan.config import ConfigError
 from afan.runtime import select_device
-from Classification.config import AdvPropConfig
-from Classification.data import DataConfig, DataError, build_datasets, make_loader
+from Classification.config import AdvPropConfig, TrainConfig
+from Classification.data import DataError, build_datasets, make_loader
 from Classification.evaluation import evaluate
 from Classification.models import load_model
 
@@ -29,19 +33,17 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", required=True, help="checkpoint file to score")
     parser.add_argument("--model", help="architecture name, needed for plain state dicts")
     parser.add_argument("--split", choices=("val", "test"), default="test")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=positive_int, default=256)
     parser.add_argument("--contiguous", action="store_true", help="NCHW instead of channels_last tensors")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the Shapes data")
-    parser.add_argument("--pgd-eps", type=float, default=0.0, help="PGD radius in 1/255 (0: clean only)")
-    parser.add_argument("--pgd-steps", type=int, default=10)
-    parser.add_argument("--pgd-step-size", type=float, help="PGD step in 1/255 (default eps/4)")
-    parser.add_argument("data", nargs="*", metavar="data.KEY=VALUE", help="data settings, e.g. data.name=shapes")
+    parser.add_argument("--pgd-eps", type=non_negative_float, default=0.0, help="PGD radius in 1/255 (0: clean only)")
+    parser.add_argument("--pgd-steps", type=non_negative_int, default=10)
+    parser.add_argument("--pgd-step-size", type=non_negative_float, help="PGD step in 1/255 (default eps/4)")
+    add_test_arguments(parser, "data.")
     args = parser.parse_intermixed_args(argv)
     try:
-        overrides = [item.removeprefix("data.") for item in args.data]
-        data_cfg = load_config(DataConfig, overrides=overrides)
-        splits = build_datasets(data_cfg, seed=args.seed)
+        cfg = test_config(TrainConfig, args, ("data",))
+        data_cfg = cfg.data
+        splits = build_datasets(data_cfg, seed=cfg.seed)
         device = select_device(args.device)
         fmt = torch.contiguous_format if args.contiguous else torch.channels_last
         model = load_model(args.checkpoint, name=args.model, num_classes=splits.num_classes)
@@ -50,7 +52,7 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     loader = make_loader(getattr(splits, args.split), args.batch_size, train=False,
-                         workers=data_cfg.workers, seed=args.seed)
+                         workers=data_cfg.workers, seed=cfg.seed)
     result = {"checkpoint": args.checkpoint, "data": data_cfg.name, "split": args.split}
     result.update(evaluate(model, loader, device, fmt, desc=args.split))
     if args.pgd_eps > 0:

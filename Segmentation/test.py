@@ -1,12 +1,15 @@
 """Evaluate a segmentation checkpoint: mIoU, pixel accuracy, mean class accuracy, per-class IoU
 as CSV and a few colourised predictions (image | ground truth | prediction) as PNG.
 
-    python -m Segmentation.test --checkpoint runs/shapes_seg_afan/final.pth data.name=shapes
+    python -m Segmentation.test --checkpoint runs/shapes_seg_afan/final.pth
     python -m Segmentation.test --checkpoint best_deeplabv3plus_resnet50_voc_os16.pth \
         data.name=voc12 eval.mode=sliding
 
-Accepts this project's checkpoints, DeepLabV3Plus-Pytorch's ``{'model_state': ...}`` files and
-plain state dicts (the architecture is read off the keys). Prints one line ``SUMMARY {json}``.
+The data and evaluation settings are those of the run that wrote the checkpoint (its
+``config.yaml``); ``data.KEY=VALUE`` and ``eval.KEY=VALUE`` change them, and the script says
+which. Accepts this project's checkpoints, DeepLabV3Plus-Pytorch's ``{'model_state': ...}``
+files and plain state dicts (the architecture is read off the keys; no ``config.yaml``: name
+the data). Prints one line ``SUMMARY {json}``.
 """
 from __future__ import annotations
 
@@ -16,11 +19,12 @@ import sys
 from pathlib import Path
 
 from afan.checkpoint import CheckpointError
-from afan.config import ConfigError, load_config
+from afan.cli import add_test_arguments, test_config
+from afan.config import ConfigError
 from afan.loading import DataError
 from afan.runtime import select_device
-from Segmentation.config import EvalConfig
-from Segmentation.data import DataConfig, build_datasets
+from Segmentation.config import TrainConfig
+from Segmentation.data import build_datasets
 from Segmentation.evaluation import run_evaluation
 from Segmentation.models import load_model
 
@@ -31,18 +35,12 @@ def main(argv=None) -> int:
     parser.add_argument("--model", help="architecture name, if it cannot be read off the file")
     parser.add_argument("--output-stride", type=int, choices=(8, 16), help="default: the one training recorded, else 16")
     parser.add_argument("--out", help="folder for per_class_iou.csv and pred_*.png (default: next to the checkpoint)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the Shapes data")
-    parser.add_argument("settings", nargs="*", metavar="data.KEY=VALUE|eval.KEY=VALUE",
-                        help="data and evaluation settings, e.g. data.name=voc12 eval.mode=sliding")
+    add_test_arguments(parser, "data. and eval.,")
     args = parser.parse_intermixed_args(argv)
     try:
-        unknown = [s for s in args.settings if not s.startswith(("data.", "eval."))]
-        if unknown:
-            raise ConfigError(f"unknown setting(s) {unknown}; only data.KEY=VALUE and eval.KEY=VALUE are accepted")
-        data_cfg = load_config(DataConfig, overrides=[s.removeprefix("data.") for s in args.settings if s.startswith("data.")])
-        eval_cfg = load_config(EvalConfig, overrides=[s.removeprefix("eval.") for s in args.settings if s.startswith("eval.")])
-        splits = build_datasets(data_cfg, seed=args.seed)
+        cfg = test_config(TrainConfig, args, ("data", "eval"))
+        data_cfg, eval_cfg = cfg.data, cfg.eval
+        splits = build_datasets(data_cfg, seed=cfg.seed)
         device = select_device(args.device)
         model = load_model(args.checkpoint, name=args.model, num_classes=splits.num_classes,
                            output_stride=args.output_stride).to(device)

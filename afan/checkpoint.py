@@ -44,11 +44,26 @@ def atomic_open(path, mode: str = "wb", **open_kwargs):
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as error:
+        # A failed clean-up (a read-only folder) must not hide why the write failed.
+        with contextlib.suppress(OSError):
             os.unlink(temporary)
+        failure = _os_error_in(error) if isinstance(error, (OSError, RuntimeError)) else None
+        if failure is not None:
+            raise OSError(failure.errno, f"{failure.strerror}: cannot write {path}; the file there before (if any) "
+                                         "is intact") from error
         raise
     _fsync_folder(path.parent)
+
+
+def _os_error_in(error: BaseException):
+    """The operating system's error behind ``error`` (torch.save turns a full disk into a
+    RuntimeError raised while handling the OSError), or None."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno is not None:
+            return error
+        error = error.__context__
+    return None
 
 
 def remove_partial_writes(folder) -> list[Path]:

@@ -1,10 +1,12 @@
-"""The command line every task's ``train.py`` shares: config, ``--resume``, ``--overwrite``,
-and how a run ends other than by finishing: one clear message with exit status 2 for bad
-input, 1 for a non-finite loss, and 128 + the signal's number (130 for Ctrl-C, 143 for
-SIGTERM) after a polite stop, with the command that resumes."""
+"""The command lines every task shares: ``train.py``'s config, ``--resume``, ``--overwrite``
+and how a run ends other than by finishing (one clear message and an exit status, see
+``failure_status``), and ``test.py``'s settings taken from the run that wrote a checkpoint."""
 from __future__ import annotations
 
 import argparse
+import errno
+import math
+import signal
 import sys
 from pathlib import Path
 from typing import Callable
@@ -13,7 +15,7 @@ from afan.checkpoint import CheckpointError
 from afan.config import ConfigError, add_config_arguments, load_config
 from afan.guard import NonFiniteLoss, StopRequested
 from afan.loading import DataError
-from afan.rundir import RunDir
+from afan.rundir import CONFIG_NAME, RunDir
 
 
 def parse_train_args(config_cls, description: str, argv=None):
@@ -32,24 +34,104 @@ def parse_train_args(config_cls, description: str, argv=None):
 
 
 def train_main(argv, *, config_cls, run: Callable, description: str, module: str, configs: Path) -> int:
-    """Parse, run, and turn bad input into one message on stderr and exit status 2. A missing
-    data set also names the command that trains on the built-in Shapes data instead."""
+    """Parse, run, and turn how the run ended into one message on stderr and an exit status
+    (see ``failure_status``)."""
     cfg = None
     try:
         cfg, args = parse_train_args(config_cls, description, argv)
         run(cfg, resume=args.resume, overwrite=args.overwrite)
-    except DataError as error:
-        shapes = Path(configs) / f"shapes_{cfg.mode}.yaml"
-        print(f"error: {error}\nTo train on the built-in data instead: python -m {module} --config {shapes}",
-              file=sys.stderr)
-        return 2
-    except (ConfigError, CheckpointError, FileExistsError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except NonFiniteLoss as error:
+    except FAILURES as error:
+        return failure_status(error, cfg, module=module, configs=configs)
+    return 0
+
+
+# How a run can end other than by finishing, each reported by failure_status.
+FAILURES = (DataError, ConfigError, CheckpointError, NonFiniteLoss, StopRequested, OSError, KeyboardInterrupt)
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def failure_status(error: BaseException, cfg, *, module: str, configs: Path) -> int:
+    """Print one message for ``error`` (one of ``FAILURES``) on stderr and return the exit
+    status: 2 for bad input, a missing or unwritable folder or a full disk (a missing data set
+    also names the command that trains on the built-in data), 1 for a non-finite loss, 128 +
+    the signal's number after a polite stop (130 for Ctrl-C, 143 for SIGTERM) or a second
+    Ctrl-C, with the command that resumes. ``cfg`` is None when the settings did not parse."""
+    resume = f"python -m {module} --resume out={cfg.out}" if cfg is not None else None
+    if isinstance(error, StopRequested):
+        print(f"{error}\nTo continue: {resume}", file=sys.stderr)
+        return 128 + error.signum
+    if isinstance(error, KeyboardInterrupt):
+        print(f"stopped at once by a second Ctrl-C; the last checkpoint written is intact. To continue "
+              f"from it: {resume}", file=sys.stderr)
+        return 128 + signal.SIGINT
+    if isinstance(error, NonFiniteLoss):
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except StopRequested as stop:
-        print(f"{stop}\nTo continue: python -m {module} --resume out={cfg.out}", file=sys.stderr)
-        return 128 + stop.signum
-    return 0
+    message = f"error: {error}"
+    if isinstance(error, DataError) and cfg is not None:
+        message += f"\nTo train on the built-in data instead: python -m {module} --config {Path(configs) / f'shapes_{cfg.mode}.yaml'}"
+    elif isinstance(error, OSError) and error.errno in _NO_ROOM:
+        message += ("; make room (or choose a writable out=)"
+                    + (f", then continue from the last checkpoint: {resume}" if cfg is not None and
+                       (Path(cfg.out) / RunDir.LAST).is_file() else ", then start the run again"))
+    print(message, file=sys.stderr)
+    return 2
+
+
+def _number(kind: type, least, name: str):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {name}") from None
+        if not (math.isfinite(value) and value >= least):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {name}")
+        return value
+    return parse
+
+
+positive_int = _number(int, 1, "a positive integer")
+non_negative_int = _number(int, 0, "an integer >= 0")
+non_negative_float = _number(float, 0.0, "a finite number >= 0")
+
+
+def add_test_arguments(parser: argparse.ArgumentParser, sections: str) -> None:
+    """The arguments every task's ``test.py`` shares besides ``--checkpoint``: device, seed,
+    ``--no-run-config`` and the ``KEY=VALUE`` settings of ``sections`` (e.g. "data., eval.")."""
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=non_negative_int, help="seed of the Shapes data (default: the run's)")
+    parser.add_argument("--no-run-config", action="store_true",
+                        help=f"ignore the {CONFIG_NAME} beside the checkpoint: start from the default settings")
+    parser.add_argument("--fallback", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"a setting used only when there is no run {CONFIG_NAME} (the cmd/run_test.sh "
+                             "scripts name the released data set so)")
+    parser.add_argument("settings", nargs="*", metavar="KEY=VALUE", help=f"settings of {sections} e.g. data.name=shapes")
+
+
+def test_config(config_cls, args, sections: tuple[str, ...]):
+    """The settings a test script scores ``args.checkpoint`` with: those of the run that wrote
+    it (the ``config.yaml`` beside it: data set, sizes, evaluation), else the defaults, then
+    ``args.settings`` (keys of ``sections`` only) and ``args.seed``; ``args.fallback`` settings
+    come first where there is no run config. Says on stdout which
+    run's settings it took and which of them the command line changed."""
+    prefixes = tuple(f"{section}." for section in sections)
+    unknown = [s for s in args.settings if not s.startswith(prefixes)]
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {unknown}: a test takes only {', '.join(p + 'KEY=VALUE' for p in prefixes)}")
+    beside = Path(args.checkpoint).resolve().parent / CONFIG_NAME
+    path = beside if beside.is_file() and not args.no_run_config else None
+    seed = [] if args.seed is None else [f"seed={args.seed}"]
+    fallback = args.fallback if path is None else []
+    cfg = load_config(config_cls, path, [*fallback, *args.settings, *seed])
+    if path is not None:
+        run = load_config(config_cls, path)
+        changed = [f"{key}={_get(cfg, key)!r} (the run: {_get(run, key)!r})" for key in
+                   dict.fromkeys(s.partition("=")[0] for s in [*args.settings, *seed]) if _get(cfg, key) != _get(run, key)]
+        print(f"settings of the run in {path}" + (f"; changed here: {', '.join(changed)}" if changed else ""), flush=True)
+    return cfg
+
+
+def _get(cfg, dotted: str):
+    for name in dotted.split("."):
+        cfg = getattr(cfg, name)
+    return cfg

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -316,7 +317,8 @@ def _convert(value, annotation):
             return value
         raise _Mismatch
     if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        # inf and nan parse as YAML floats, but no setting means them: refuse them here.
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
         raise _Mismatch
     if annotation is list or origin is list:
@@ -357,6 +359,8 @@ def _describe(annotation) -> str:
         return " or ".join(_describe(arg) for arg in args)
     if dataclasses.is_dataclass(annotation):
         return f"a section of {annotation.__name__} keys"
+    if annotation is float:
+        return "a finite float"
     if origin in (list, tuple, dict):
         if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
             return f"tuple[{_describe(args[0])}, ...]"

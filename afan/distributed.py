@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from afan.config import ConfigError
 from afan.norm import AuxBatchNorm2d
 from afan.runtime import select_device
 
@@ -89,7 +90,7 @@ def main_first(process: Process):
 
 def local_batch_size(batch_size: int, process: Process) -> int:
     if batch_size % process.world_size:
-        raise ValueError(f"batch_size={batch_size} does not split over {process.world_size} processes; "
+        raise ConfigError(f"batch_size={batch_size} does not split over {process.world_size} processes; "
                          f"use a multiple of {process.world_size}")
     return batch_size // process.world_size
 
@@ -113,13 +114,16 @@ def step_runner(model: nn.Module, step: Callable, process: Process, device: torc
     """``run(*batch) -> step result`` whose loss, back-propagated, gives gradients averaged over
     the processes (plain ``step(model, *batch)`` in a single process). ``sync_bn`` turns every
     BatchNorm into SyncBatchNorm (CUDA only; not with auxiliary BN)."""
+    if sync_bn:
+        if not process.distributed:
+            raise ConfigError("sync_bn=true shares BatchNorm statistics between the processes of a torchrun run; "
+                              "this is one plain process: start it with torchrun, or set sync_bn=false")
+        if device.type != "cuda":
+            raise ConfigError("sync_bn needs CUDA: PyTorch's SyncBatchNorm does not run on the CPU; set sync_bn=false")
+        if any(isinstance(m, AuxBatchNorm2d) for m in model.modules()):
+            raise ConfigError("sync_bn does not combine with auxiliary BN (advprop, afan.aux_bn); set sync_bn=false")
     if not process.distributed:
         return lambda *batch: step(model, *batch)
-    if sync_bn:
-        if device.type != "cuda":
-            raise ValueError("sync_bn needs CUDA: PyTorch's SyncBatchNorm does not run on the CPU; set sync_bn=false")
-        if any(isinstance(m, AuxBatchNorm2d) for m in model.modules()):
-            raise ValueError("sync_bn does not combine with auxiliary BN (advprop, afan.aux_bn); set sync_bn=false")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     wrapped = DistributedDataParallel(StepModule(model, step), device_ids=[device.index] if device.type == "cuda" else None)
 

@@ -12,11 +12,14 @@ import shutil
 import numpy as np
 import torch
 
+from afan.config import ConfigError
+
 _DEVICE_FORMS = "'auto', 'cpu', 'cuda' or 'cuda:N' (N = GPU index)"
 
 
 def select_device(spec: str = "auto") -> torch.device:
-    """The torch.device for a config's ``device`` setting; "auto" takes a GPU when there is one."""
+    """The torch.device for a config's ``device`` setting; "auto" takes a GPU when there is one.
+    A device this machine lacks is a ``ConfigError`` that names it and the fix."""
     text = str(spec).strip().lower()
     if text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -24,15 +27,15 @@ def select_device(spec: str = "auto") -> torch.device:
         return torch.device("cpu")
     match = re.fullmatch(r"cuda(?::(\d+))?", text)
     if match is None:
-        raise ValueError(f"unknown device {spec!r}: use {_DEVICE_FORMS}")
+        raise ConfigError(f"unknown device {spec!r}: use {_DEVICE_FORMS}")
     if not torch.cuda.is_available():
-        raise ValueError(
+        raise ConfigError(
             f"device={text} was asked for, but CUDA is not available here (this PyTorch build: "
             f"{torch.__version__}); use device=cpu, or device=auto to take a GPU only when present"
         )
     count = torch.cuda.device_count()
     if match.group(1) is not None and int(match.group(1)) >= count:
-        raise ValueError(
+        raise ConfigError(
             f"device={text} was asked for, but only {count} GPU(s) are visible "
             f"(cuda:0 to cuda:{count - 1}); pick one of those, or use device=auto"
         )
@@ -46,7 +49,7 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     benchmark and pick the fastest (non-deterministic) kernels.
     """
     if not 0 <= seed < 2**32:
-        raise ValueError(f"seed must be in [0, 2**32), got {seed}")  # numpy's limit
+        raise ConfigError(f"seed={seed} is not valid: use an integer in [0, 2**32)")  # numpy's limit
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # seeds the CUDA generators of all devices too

@@ -26,7 +26,8 @@ import afan.checkpoint  # noqa: E402
 
 MODULES = {"classification": "Classification.train", "segmentation": "Segmentation.train",
            "detection": "Detection.train"}
-SIGNALS = {"kill-step": signal.SIGKILL, "term-step": signal.SIGTERM, "int-step": signal.SIGINT}
+SIGNALS = {"kill-step": signal.SIGKILL, "term-step": signal.SIGTERM, "int-step": signal.SIGINT,
+           "int-twice": signal.SIGINT}
 
 
 def main(task: str, fault: str, at: int, argv: list[str]) -> int:
@@ -54,7 +55,8 @@ def main(task: str, fault: str, at: int, argv: list[str]) -> int:
         def signalled_step(*args, **kwargs):
             count[0] += 1
             if count[0] == at:
-                os.kill(os.getpid(), SIGNALS[fault])
+                for _ in range(2 if fault == "int-twice" else 1):  # a second Ctrl-C: out at once
+                    os.kill(os.getpid(), SIGNALS[fault])
             return real_step(*args, **kwargs)
 
         train.training_step = signalled_step

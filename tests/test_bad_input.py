@@ -92,6 +92,17 @@ CASES = [
                    "data.image_size=8", "batch_size=4"],
      ["last.pth does not fit", "fc.weight (file (6, 64), model (2, 64))", "class count"]),
     ("existing run without --resume", lambda r, t: [*TINY, f"out={r}"], ["already exists", "--resume", "--overwrite"]),
+    ("unknown device", lambda r, t: ["--resume", f"out={r}", "device=tpu"], ["unknown device 'tpu'", "'cuda:N'"]),
+    ("a GPU this machine lacks", lambda r, t: ["--resume", f"out={r}", "device=cuda:99"],
+     ["device=cuda:99 was asked for", "device=auto"]),
+    ("unknown model", lambda r, t: [*TINY, f"out={t / 'new'}", "model=resnet9000"], ["resnet9000", "resnet50"]),
+    ("negative seed", lambda r, t: ["--resume", f"out={r}", "seed=-1"], ["seed=-1 is not valid", "[0, 2**32)"]),
+    ("Shapes images too small", lambda r, t: ["--resume", f"out={r}", "data.image_size=4"],
+     ["data.image_size=4", ">= 16"]),
+    ("infinite learning rate", lambda r, t: ["--resume", f"out={r}", "optim.lr=.inf"], ["optim.lr", "finite float"]),
+    ("not-a-number setting", lambda r, t: ["--resume", f"out={r}", "afan.gamma=.nan"], ["afan.gamma", "finite float"]),
+    ("sync_bn without torchrun", lambda r, t: ["--resume", f"out={r}", "sync_bn=true"],
+     ["sync_bn=true", "start it with torchrun, or set sync_bn=false"]),
     ("--resume with --overwrite", lambda r, t: ["--resume", "--overwrite", f"out={r}"], ["contradict"]),
 ]
 
@@ -106,6 +117,80 @@ def test_bad_training_input_gets_one_message_and_changes_nothing(run, tmp_path, 
     for text in expected:
         assert text in error
     assert _snapshot(run) == before
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--batch-size", "0"], "argument --batch-size: '0' is not a positive integer"),
+    (["--pgd-eps", "-1"], "argument --pgd-eps: '-1' is not a finite number >= 0"),
+    (["--pgd-steps", "-2"], "argument --pgd-steps: '-2' is not an integer >= 0"),
+    (["--seed", "x"], "argument --seed: 'x' is not an integer >= 0"),
+])
+def test_bad_test_script_arguments_are_refused(run, capsys, argv, expected):
+    with pytest.raises(SystemExit) as stop:
+        cls_test.main(["--checkpoint", str(run / "best.pth"), *argv])
+    assert stop.value.code == 2 and expected in capsys.readouterr().err
+
+
+def test_detection_test_refuses_a_negative_draw_count(capsys):
+    with pytest.raises(SystemExit) as stop:
+        det_test.main(["--checkpoint", "x.pth", "--draw", "-1"])
+    assert stop.value.code == 2 and "'-1' is not an integer >= 0" in capsys.readouterr().err
+
+
+def test_compare_without_its_data_is_one_message(tmp_path, capsys):
+    from Classification import compare
+    assert compare.main(["data.name=cifar10", f"data.root={tmp_path / 'none'}", f"--out={tmp_path / 'c'}"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: CIFAR-10 not found") and "Traceback" not in error
+
+
+def _failing_writes(monkeypatch, failure, after=0):
+    """Every file ``afan.checkpoint`` opens for writing fails with ``failure`` (an OSError)
+    once ``after`` writes have succeeded, as on a full disk or a read-only folder; removing
+    files fails too, as it does in a read-only folder."""
+    import afan.checkpoint
+    calls = [0]
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        if "w" in mode:
+            calls[0] += 1
+            if calls[0] > after:
+                raise failure
+        return open(path, mode, *args, **kwargs)
+
+    def fake_unlink(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(afan.checkpoint, "open", fake_open, raising=False)
+    monkeypatch.setattr(afan.checkpoint.os, "unlink", fake_unlink)
+
+
+def test_a_full_disk_is_one_message_that_keeps_the_last_checkpoint(run, tmp_path, capsys, monkeypatch):
+    """The disk fills up while the second epoch's checkpoints are written: the first epoch's
+    last.pth stays intact and the message says how to go on from it."""
+    out = tmp_path / "run"
+    assert cls_train.main([*TINY, f"out={out}"]) == 0  # one finished epoch
+    capsys.readouterr()
+    before = _snapshot(out)
+    _failing_writes(monkeypatch, OSError(28, "No space left on device"), after=1)  # config.yaml still fits
+    assert cls_train.main(["--resume", f"out={out}", "epochs=2"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: [Errno 28] No space left on device: cannot write {out}") and "Traceback" not in error
+    assert ".pth; the file there before (if any) is intact" in error
+    assert f"make room (or choose a writable out=), then continue from the last checkpoint: " \
+           f"python -m Classification.train --resume out={out}" in error
+    assert (out / "last.pth").read_bytes() == before[Path("last.pth")]
+
+
+def test_a_read_only_run_folder_is_one_message_naming_the_first_failure(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "read-only"
+    out.mkdir()
+    _failing_writes(monkeypatch, PermissionError(13, "Permission denied"))
+    assert cls_train.main([*TINY, f"out={out}"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: [Errno 13] Permission denied: cannot write {out / 'config.yaml'}")
+    assert error.count("error:") == 1 and "then start the run again" in error
+    assert not any(out.iterdir())
 
 
 @pytest.mark.parametrize("content, expected", [

@@ -140,18 +140,27 @@ def test_adversarial_losses_reach_the_head_only_with_se_trains_head(se_trains_he
 
 
 def test_test_script_reproduces_the_logged_accuracy(tmp_path, capsys):
-    summary = cls_train.run(tiny_config(tmp_path, "epochs=2"))
+    """No data settings: the test takes the run's own (its config.yaml beside the checkpoint)."""
+    summary = cls_train.run(tiny_config(tmp_path, "epochs=2", "data.test_size=24"))
     capsys.readouterr()
-    data = [o for o in TINY if o.startswith("data.")]
-    assert cls_test.main(["--checkpoint", str(tmp_path / "run" / "best.pth"), "--split", "val",
-                          "--device", "cpu", *data]) == 0
-    result = json.loads(capsys.readouterr().out.split("SUMMARY ", 1)[1])
+    best = str(tmp_path / "run" / "best.pth")
+    assert cls_test.main(["--checkpoint", best, "--split", "val", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert f"settings of the run in {tmp_path / 'run' / 'config.yaml'}" in out and "changed here" not in out
+    result = json.loads(out.split("SUMMARY ", 1)[1])
     assert result["top1"] == pytest.approx(summary["best_val_acc"])
-    assert cls_test.main(["--checkpoint", str(tmp_path / "run" / "best.pth"), "--device", "cpu",
-                          "--pgd-eps", "8", "--pgd-steps", "2", *data]) == 0
+    assert cls_test.main(["--checkpoint", best, "--device", "cpu", "--pgd-eps", "8", "--pgd-steps", "2"]) == 0
     result = json.loads(capsys.readouterr().out.split("SUMMARY ", 1)[1])
     assert result["top1"] == pytest.approx(summary["test_acc"])
     assert 0 <= result["pgd_top1"] <= 1
+    # A changed setting is said, with the run's value.
+    assert cls_test.main(["--checkpoint", best, "--device", "cpu", "data.test_size=16", "--fallback", "data.name=cifar10"]) == 0
+    out = capsys.readouterr().out
+    assert "changed here: data.test_size=16 (the run: 24)" in out and '"data": "shapes"' in out
+    # Without the run's settings, the defaults (and a fallback) apply.
+    assert cls_test.main(["--checkpoint", best, "--device", "cpu", "--no-run-config", "--fallback", "data.name=cifar10",
+                          f"data.root={tmp_path / 'none'}"]) == 2
+    assert "CIFAR-10 not found" in capsys.readouterr().err
 
 
 def test_paper_configs_match_the_released_hyper_parameters():

@@ -143,6 +143,16 @@ def test_a_signal_stops_politely_with_a_checkpoint_and_the_resume_command(tmp_pa
     _assert_same_run(out, uninterrupted(task))
 
 
+def test_a_second_ctrl_c_quits_at_once_with_one_message(tmp_path):
+    out = tmp_path / "run"
+    done = train_with_fault("classification", "int-twice", 5, *SETTINGS["classification"], f"out={out}")
+    assert done.returncode == 130, done.stderr
+    assert "stopped at once by a second Ctrl-C" in done.stderr and "Traceback" not in done.stderr
+    assert f"python -m Classification.train --resume out={out}" in done.stderr
+    # The epoch-end checkpoint before it is intact: the run continues from it.
+    assert train("classification", "--resume", f"out={out}").returncode == 0
+
+
 def _nan_at(module, monkeypatch, call):
     """Make the ``call``-th training step's loss NaN (its backward gives NaN gradients)."""
     real_step, calls = module.training_step, []
