@@ -26,7 +26,7 @@ from afan.cli import train_main
 from afan.config import ConfigError
 from afan.guard import TrainingGuard, guarded_step
 from afan.loading import iteration_batches
-from afan.rundir import RunDir, continue_run, progress, save_training_state, write_summary
+from afan.rundir import RunDir, continue_run, duration, progress, save_training_state, write_summary
 from afan.runtime import compile_parts, grad_scaler, resolve_precision, seed_everything
 from Classification.config import OptimConfig, TrainConfig
 from Classification.data import build_datasets, make_loader
@@ -92,14 +92,15 @@ def train_one_epoch(model, run_step, batches, optimizer, scheduler, scaler, cfg:
     returns the number of steps done by its end, fewer when a signal asked the run to stop."""
     precision = resolve_precision(cfg.precision, device)
     model.train()
-    for step in progress(range(first, steps), initial=first, total=steps, desc=f"{cfg.mode} epoch {epoch}",
-                         leave=False):
+    bar = progress(range(first, steps), initial=first, total=steps, desc=f"{cfg.mode} epoch {epoch}", leave=False)
+    for step in bar:
         x, y = next(batches)
         x = x.to(device, memory_format=memory_format(cfg), non_blocking=True)
         y = y.to(device, non_blocking=True)
         result = guarded_step(run_step, (x, y), guard, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                               precision=precision, device=device, where=f"epoch {epoch}, step {step + 1} of {steps}")
         n = y.numel()
+        bar.set_postfix(loss=f"{result.loss.item():.4g}", refresh=False)
         totals["seen"] += n
         totals["loss"] += result.loss.item() * n
         totals["correct"] += (result.logits.argmax(1) == y).sum().item()
@@ -195,8 +196,9 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
                     best_acc = row["val_acc"]
                     best = checkpoint_payload(afan.strip_aux_bn(model))
                     save_checkpoint({**best, "epoch": epoch, "val_acc": best_acc}, run_dir.best_checkpoint)
-                print(f"epoch {epoch}: " + " ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"),
-                      flush=True)
+                left = (cfg.epochs - epoch - 1) * row["time"]
+                print(f"epoch {epoch}: " + " ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch")
+                      + f" ETA {duration(left)}", flush=True)
             save_last(epoch=epoch)
             if guard.stop_requested:
                 guard.stop(f"epoch {epoch}")

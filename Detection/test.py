@@ -14,10 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from afan.checkpoint import CheckpointError
-from afan.cli import add_test_arguments, non_negative_int, test_config
+from afan.cli import add_test_arguments, non_negative_int, test_config, test_output
 from afan.config import ConfigError
 from afan.loading import DataError
 from afan.runtime import select_device
@@ -31,7 +30,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Evaluate a Faster R-CNN checkpoint.")
     parser.add_argument("--checkpoint", required=True, help="checkpoint file to evaluate")
     parser.add_argument("--model", help="architecture name, needed for plain state dicts")
-    parser.add_argument("--out", help="folder for per_class_ap.csv and predictions/ (default: next to the checkpoint)")
+    parser.add_argument("--out", help="folder for per_class_ap.csv and predictions/ (default: test_<data> next to the "
+                                      "checkpoint, never over an earlier one)")
     parser.add_argument("--draw", type=non_negative_int, help="test images drawn with their predictions "
                                                                    "(default: the run's draw_images)")
     add_test_arguments(parser, "data.")
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     except (ConfigError, DataError, CheckpointError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / f"test_{data_cfg.name}"
+    out = test_output(args, data_cfg.name)
     metrics = run_evaluation(model, splits, device, out, draw=cfg.draw_images if args.draw is None else args.draw)
     print("SUMMARY " + json.dumps({"checkpoint": args.checkpoint, "data": data_cfg.name, **metrics,
                                    "out": str(out)}), flush=True)

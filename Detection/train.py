@@ -28,8 +28,8 @@ from afan.checkpoint import save_checkpoint
 from afan.cli import train_main
 from afan.guard import TrainingGuard, guarded_step
 from afan.loading import iteration_batches
-from afan.rundir import (LogWindow, RunDir, continue_run, perturbation_sizes, progress, save_training_state,
-                         write_summary)
+from afan.rundir import (LogWindow, RunDir, continue_run, log_line, perturbation_sizes, progress,
+                         save_training_state, write_summary)
 from afan.runtime import compile_parts, grad_scaler, resolve_precision, seed_everything
 from afan.settings import AdvPropConfig, RunSettings, check_positive
 from Detection.config import AfanConfig, ModelConfig
@@ -150,8 +150,9 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
     guard = TrainingGuard(process, device, on_nonfinite=cfg.on_nonfinite, last_checkpoint=Path(cfg.out) / RunDir.LAST,
                           skipped=skipped)
     with guard:
-        for iteration in progress(range(start, cfg.iterations), initial=start, total=cfg.iterations,
-                                  desc=f"{cfg.mode}", disable=None if process.is_main else True):
+        bar = progress(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc=f"{cfg.mode}",
+                       disable=None if process.is_main else True)
+        for iteration in bar:
             images, targets = next(batches)
             images = [image.to(device) for image in images]
             targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
@@ -161,10 +162,13 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
             window.add({"loss": result.loss.item(), **{k: v.item() for k, v in result.losses.items()},
                         **perturbation_sizes("se", result.se_perturbation),
                         **perturbation_sizes("sd", result.sd_perturbation)})
+            bar.set_postfix(loss=f"{result.loss.item():.4g}", refresh=False)
             if done % cfg.log_every == 0 or done == cfg.iterations:
                 means = window.close(process, device)  # every process comes here at the same iterations
                 if run_dir:
-                    run_dir.metrics.log(iteration=done, lr=optimizer.param_groups[0]["lr"], **means, **guard.counts())
+                    lr = optimizer.param_groups[0]["lr"]
+                    run_dir.metrics.log(iteration=done, lr=lr, **means, **guard.counts())
+                    log_line(done, cfg.iterations, lr, means)
             if done % cfg.checkpoint_every == 0 or done == cfg.iterations or guard.stop_requested:
                 save_training_state(run_dir, process, checkpoint_payload(model), optimizer, scheduler, cfg,
                                     scaler=scaler, iteration=done, **guard.counts(always=True))

@@ -16,10 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from afan.checkpoint import CheckpointError
-from afan.cli import add_test_arguments, test_config
+from afan.cli import add_test_arguments, test_config, test_output
 from afan.config import ConfigError
 from afan.loading import DataError
 from afan.runtime import select_device
@@ -34,7 +33,8 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", required=True, help="checkpoint file to evaluate")
     parser.add_argument("--model", help="architecture name, if it cannot be read off the file")
     parser.add_argument("--output-stride", type=int, choices=(8, 16), help="default: the one training recorded, else 16")
-    parser.add_argument("--out", help="folder for per_class_iou.csv and pred_*.png (default: next to the checkpoint)")
+    parser.add_argument("--out", help="folder for per_class_iou.csv and pred_*.png (default: test_<data> next to the "
+                                      "checkpoint, never over an earlier one)")
     add_test_arguments(parser, "data. and eval.,")
     args = parser.parse_intermixed_args(argv)
     try:
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     except (ConfigError, DataError, CheckpointError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / f"test_{data_cfg.name}"
+    out = test_output(args, data_cfg.name)
     metrics = run_evaluation(model, splits, device, out, eval_cfg, workers=data_cfg.workers)
     print("SUMMARY " + json.dumps({"checkpoint": args.checkpoint, "data": data_cfg.name, **metrics,
                                    "out": str(out)}), flush=True)

@@ -26,8 +26,8 @@ from afan.checkpoint import save_checkpoint
 from afan.cli import train_main
 from afan.guard import TrainingGuard, guarded_step
 from afan.loading import iteration_batches
-from afan.rundir import (LogWindow, RunDir, continue_run, perturbation_sizes, progress, save_training_state,
-                         write_summary)
+from afan.rundir import (LogWindow, RunDir, continue_run, log_line, perturbation_sizes, progress,
+                         save_training_state, write_summary)
 from afan.runtime import compile_parts, grad_scaler, resolve_precision, seed_everything
 from Segmentation.config import OptimConfig, TrainConfig
 from Segmentation.data import build_datasets, collate
@@ -131,8 +131,9 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
     guard = TrainingGuard(process, device, on_nonfinite=cfg.on_nonfinite, last_checkpoint=Path(cfg.out) / RunDir.LAST,
                           skipped=skipped)
     with guard:
-        for iteration in progress(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc=cfg.mode,
-                                  disable=None if process.is_main else True):
+        bar = progress(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc=cfg.mode,
+                       disable=None if process.is_main else True)
+        for iteration in bar:
             images, masks = next(batches)
             images, masks = images.to(device, memory_format=memory_format(cfg)), masks.to(device)
             done = iteration + 1
@@ -142,6 +143,7 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
                         "train_pixel_acc": _pixel_accuracy(result.logits.detach(), masks),
                         **perturbation_sizes("se" if cfg.mode == "afan" else "pixel", result.perturbation),
                         **perturbation_sizes("sd", result.sd_perturbation)})
+            bar.set_postfix(loss=f"{result.loss.item():.4g}", refresh=False)
             log_now = done % cfg.log_every == 0 or done == cfg.iterations
             eval_now = bool(cfg.eval_every) and (done % cfg.eval_every == 0 or done == cfg.iterations)
             if log_now or eval_now:
@@ -155,8 +157,10 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
                         save_checkpoint({**checkpoint_payload(afan.strip_aux_bn(model)), "iteration": done, **scores},
                                         run_dir.best_checkpoint)
                 if log_now or eval_now:
-                    run_dir.metrics.log(iteration=done, lr=optimizer.param_groups[-1]["lr"], **means,
-                                        **{f"val_{k}": v for k, v in scores.items()}, **guard.counts())
+                    lr = optimizer.param_groups[-1]["lr"]
+                    scores = {f"val_{k}": v for k, v in scores.items()}
+                    run_dir.metrics.log(iteration=done, lr=lr, **means, **scores, **guard.counts())
+                    log_line(done, cfg.iterations, lr, {**means, **scores})
             if done % cfg.checkpoint_every == 0 or done == cfg.iterations or guard.stop_requested:
                 save_training_state(run_dir, process, checkpoint_payload(model), optimizer, scheduler, cfg,
                                     scaler=scaler, iteration=done, best_miou=best, **guard.counts(always=True))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import errno
 import math
+import os
 import signal
 import sys
 from pathlib import Path
@@ -18,16 +19,30 @@ from afan.loading import DataError
 from afan.rundir import CONFIG_NAME, RunDir
 
 
-def parse_train_args(config_cls, description: str, argv=None):
-    """``(cfg, args)``: defaults, ``--config`` YAML, then ``KEY=VALUE`` overrides; with
-    ``--resume`` the run's saved ``config.yaml`` replaces the defaults and the YAML file, so a
-    resumed run continues with the settings it was started with (plus new overrides)."""
+def config_path(given, configs: Path):
+    """``--config``'s file: the path as given (from the working folder) if it is there, else the
+    same path from the task folder (``configs/shapes_afan.yaml``, as its README writes it) or a
+    file of the task's ``configs`` folder by name (``shapes_afan.yaml``)."""
+    if given is None or Path(given).exists():
+        return given
+    for candidate in (configs.parent / given, configs / Path(given).name):
+        if candidate.is_file():
+            return candidate
+    return given  # load_config names the missing file
+
+
+def parse_train_args(config_cls, description: str, argv=None, configs: Path = None):
+    """``(cfg, args)``: defaults, ``--config`` YAML (see ``config_path``), then ``KEY=VALUE``
+    overrides; with ``--resume`` the run's saved ``config.yaml`` replaces the defaults and the
+    YAML file, so a resumed run continues with the settings it was started with (plus new
+    overrides)."""
     parser = argparse.ArgumentParser(description=description)
     add_config_arguments(parser)
     parser.add_argument("--resume", action="store_true", help="continue the run in `out` from last.pth")
     parser.add_argument("--overwrite", action="store_true", help="start `out` again, deleting the old run")
     args = parser.parse_intermixed_args(argv)  # KEY=VALUE overrides may follow flags
-    cfg = load_config(config_cls, args.config, args.overrides)
+    cfg = load_config(config_cls, args.config if configs is None else config_path(args.config, Path(configs)),
+                      args.overrides)
     if args.resume:
         cfg = load_config(config_cls, RunDir(cfg.out, resume=True).file("config.yaml"), args.overrides)
     return cfg, args
@@ -38,7 +53,7 @@ def train_main(argv, *, config_cls, run: Callable, description: str, module: str
     (see ``failure_status``)."""
     cfg = None
     try:
-        cfg, args = parse_train_args(config_cls, description, argv)
+        cfg, args = parse_train_args(config_cls, description, argv, configs)
         run(cfg, resume=args.resume, overwrite=args.overwrite)
     except FAILURES as error:
         return failure_status(error, cfg, module=module, configs=configs)
@@ -135,3 +150,20 @@ def _get(cfg, dotted: str):
     for name in dotted.split("."):
         cfg = getattr(cfg, name)
     return cfg
+
+
+def test_output(args, data_name: str) -> Path:
+    """Where a test script writes its files: ``--out``, else ``test_<data>`` beside the
+    checkpoint, numbered (``test_<data>-2``, ...) rather than over an earlier one, and under
+    ``runs/`` of the working folder when the checkpoint's folder cannot be written."""
+    if args.out:
+        return Path(args.out)
+    folder = Path(args.checkpoint).resolve().parent
+    stem = f"test_{data_name}"
+    if not os.access(folder, os.W_OK):
+        folder, stem = Path("runs"), f"test_{folder.name}_{data_name}"
+    out, number = folder / stem, 1
+    while out.exists():
+        number += 1
+        out = folder / f"{stem}-{number}"
+    return out

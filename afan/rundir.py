@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -184,10 +185,33 @@ def _is_numeric(rows: list[dict], name: str) -> bool:
 def progress(iterable=None, *, total=None, desc=None, disable=None, **kwargs):
     """A tqdm progress bar; pass ``disable=True`` on processes that should stay quiet (rank > 0).
 
-    ``disable=None`` keeps tqdm's default: no bar when the output is not a terminal.
+    ``disable=None`` keeps tqdm's default: no bar when the output is not a terminal (then
+    ``log_line`` is what a log file or a pipe sees).
     """
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, total=total, desc=desc, disable=disable, **kwargs)
+
+
+def duration(seconds: float) -> str:
+    """``1m40s``, ``2h05m``: a time left, for progress lines."""
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+def log_line(done: int, total: int, lr: float, means: dict) -> str:
+    """One plain-text progress line of an iteration-based run, e.g. ``iteration 20/320: loss
+    1.234 (loss_0 0.9, ...), lr 0.02, 0.31 s/it, ETA 1m40s`` (and the ``val_*`` scores of an
+    evaluation at this iteration), printed above the progress bar
+    (``tqdm.write``), so it reaches the terminal, a pipe or a log file alike. Returns it."""
+    speed = means.get("sec_per_iter", 0.0)
+    terms = ", ".join(f"{k} {v:.4g}" for k, v in means.items() if k.startswith("loss_"))
+    scores = "".join(f", {k} {v:.4g}" for k, v in means.items() if k.startswith("val_") and isinstance(v, float))
+    line = (f"iteration {done}/{total}: loss {means.get('loss', float('nan')):.4g}" + (f" ({terms})" if terms else "")
+            + f", lr {lr:.3g}, {speed:.3g} s/it, ETA {duration(speed * (total - done))}{scores}")
+    tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()  # a pipe or file is block-buffered: show the line now
+    return line
 
 
 def training_state(payload: dict, optimizer, scheduler, cfg, *, rngs: list[dict], scaler=None,

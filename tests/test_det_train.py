@@ -35,7 +35,9 @@ def test_a_few_iterations_of_each_mode(tmp_path, tiny, mode, extra, capsys):
     for name in ("config.yaml", "metrics.csv", "curves.png", "last.pth", "final.pth", "summary.json",
                  "per_class_ap.csv", "predictions/000.png"):
         assert (out / name).is_file(), name
-    assert json.loads(capsys.readouterr().out.split("SUMMARY ", 1)[1]) == summary
+    printed = capsys.readouterr().out
+    assert json.loads(printed.split("SUMMARY ", 1)[1]) == summary
+    assert "iteration 1/2: loss " in printed and "iteration 2/2: loss " in printed and "ETA 0m00s" in printed
     assert 0 <= summary["mAP"] <= 1 and "AP50" in summary
     rows = (out / "metrics.csv").read_text().splitlines()
     assert len(rows) == 3 and "loss_classifier" in rows[0]
@@ -148,3 +150,21 @@ def test_bad_settings_are_refused(tmp_path, tiny, capsys):
     err = capsys.readouterr().err
     assert "VOCdevkit" in err and "shapes_base.yaml" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_test_outputs_never_replace_an_earlier_evaluation(tmp_path, tiny, capsys):
+    det_train.run(load_config(TrainConfig, overrides=[*tiny, "iterations=1", "draw_images=0", f"out={tmp_path / 'run'}"]))
+    capsys.readouterr()
+    for expected in ("test_shapes", "test_shapes-2"):
+        assert det_test.main(["--checkpoint", str(tmp_path / "run" / "final.pth"), "--device", "cpu", "--draw", "0"]) == 0
+        result = json.loads(capsys.readouterr().out.split("SUMMARY ", 1)[1])
+        assert result["out"] == str(tmp_path / "run" / expected) and (tmp_path / "run" / expected).is_dir()
+
+
+def test_a_config_path_from_the_task_folder_works_from_the_root(tmp_path, capsys):
+    from afan.cli import config_path
+    assert config_path("configs/shapes_afan.yaml", CONFIGS) == CONFIGS.parent / "configs/shapes_afan.yaml"
+    assert config_path("shapes_afan.yaml", CONFIGS) == CONFIGS / "shapes_afan.yaml"
+    assert config_path("nowhere.yaml", CONFIGS) == "nowhere.yaml"
+    assert det_train.main(["--config", "nowhere.yaml", f"out={tmp_path / 'r'}"]) == 2
+    assert "config file nowhere.yaml does not exist" in capsys.readouterr().err

@@ -25,3 +25,16 @@ def test_skeleton_is_in_place():
     for folder in ("Classification", "Detection", "Segmentation", "Figs", "tests"):
         assert (ROOT / folder).is_dir(), folder
     assert "advertorch" not in (ROOT / "requirements.txt").read_text()
+
+
+def test_the_task_packages_run_from_any_folder(tmp_path):
+    """``pip install -e .`` (``make setup``) installs the three task packages with ``afan``, so
+    the resume command a stopped run prints works wherever the user stands."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    for module in ("Classification.train", "Segmentation.test"):
+        done = subprocess.run([sys.executable, "-m", module, "--help"], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0 and "usage:" in done.stdout, (module, done.stderr)

@@ -3,6 +3,7 @@ training, the poly schedule and its floor, sliding-window inference, test.py (al
 DeepLabV3Plus-Pytorch file), bad backbone weights, the released configs end to end on tiny
 fixtures."""
 import json
+import os
 import re
 from pathlib import Path
 
@@ -193,3 +194,21 @@ def test_shapes_configs_train_from_random_weights_on_the_built_in_data():
     for mode in ("base", "afan", "advprop"):
         shapes = load_config(TrainConfig, CONFIGS / f"shapes_{mode}.yaml")
         assert shapes.mode == mode and shapes.data.name == "shapes" and shapes.model.backbone_weights == ""
+
+
+def test_training_logs_plain_lines_into_a_pipe(tmp_path):
+    """Under nohup, Slurm or `| tee` (stdout not a terminal, so no progress bar) every
+    log_every iterations still print a line with the loss terms, lr, speed and time left."""
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "Segmentation.train", *TINY, "mode=afan", "iterations=3",
+                           f"out={tmp_path / 'run'}"], cwd=root, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith("iteration ")]
+    assert [line.split(":")[0] for line in lines] == ["iteration 1/3", "iteration 2/3", "iteration 3/3"]
+    assert re.fullmatch(r"iteration 1/3: loss [\d.]+ \(loss_0 [\d.]+, loss_1 [\d.]+, loss_2 [\d.]+, loss_sd [\d.]+\), "
+                        r"lr [\d.e-]+, [\d.]+ s/it, ETA \dm\d\ds", lines[0]), lines[0]
+    assert lines[-1].endswith("ETA 0m00s")
+    assert done.stdout.index("iteration 3/3") < done.stdout.index("SUMMARY ")
