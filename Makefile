@@ -1,5 +1,5 @@
-# `make demo`: set everything up, train a baseline and an A-FAN ResNet-20s on the built-in
-# Shapes data, print the comparison and write Figs/shapes_base_vs_afan.png.
+# `make demo`: set everything up, train a baseline and an A-FAN small CNN on the built-in
+# Shapes data, print the comparison and write runs/compare/base_vs_afan.png.
 # `make test`: set everything up and run the test suite.
 # TORCH pins the versions the project is tested with; override it for another platform,
 # e.g. `make test TORCH="torch torchvision"`.

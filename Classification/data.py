@@ -39,7 +39,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets, transforms
 
-from afan.loading import DataError, load_rgb, make_loader
+from afan.loading import DataError, check_images, load_rgb, make_loader
 from afan.shapes import MIN_IMAGE_SIZE, ShapesDataset
 
 __all__ = ["DataConfig", "DataError", "Splits", "build_datasets", "make_loader"]
@@ -321,12 +321,14 @@ def _image_folder(root: Path, split: str, transform: Callable) -> datasets.Image
             "automatically. Or use data.name=shapes for the built-in data"
         )
     try:
-        return datasets.ImageFolder(str(folder), transform=transform, loader=load_rgb)
+        images = datasets.ImageFolder(str(folder), transform=transform, loader=load_rgb)
     except FileNotFoundError as error:  # no class folders, or a class folder without images
         raise DataError(
             f"ImageNet-style data set: {str(error).rstrip('.')}. Expected layout: {_FOLDER_LAYOUT} "
             f"(with root = data.root = {root}), one sub-folder of images per class"
         ) from error
+    check_images([path for path, _ in images.samples], f"{split} images")
+    return images
 
 
 def _image_folders(cfg: DataConfig) -> Splits:

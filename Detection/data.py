@@ -21,9 +21,9 @@ width or height are dropped everywhere.  ``DataConfig.flip`` adds a random horiz
 
 Splits:
 
-* ``shapes``: the built-in :mod:`afan.shapes` detection scenes, written once to
-  ``<root>/shapes_detection/{train,val}`` in COCO format and then read back by the same loader
-  as COCO itself: train = ``train_size`` images of the Shapes "train" stream, test =
+* ``shapes``: the built-in :mod:`afan.shapes` detection scenes, written once per setting to
+  ``<root>/shapes_detection/{train,val}_<size>x<side>px_seed<seed>`` in COCO format and then
+  read back by the same loader as COCO itself: train = ``train_size`` images of the Shapes "train" stream, test =
   ``val_size`` images of its "val" stream, ``image_size`` pixels a side (Shapes only).
 * ``voc07``: train = VOC2007 trainval, test = VOC2007 test.
 * ``voc0712``: train = VOC2007 trainval + VOC2012 trainval, test = VOC2007 test.
@@ -55,7 +55,7 @@ from afan.shapes import SHAPE_CLASSES, ShapesDataset
 # One error class for the data of every task; the image reader and the worker seeding are the
 # classification ones (generic: open as RGB naming a bad file; seed numpy/random per worker).
 from afan import loading
-from afan.loading import DataError, load_rgb
+from afan.loading import DataError, check_images, load_rgb
 
 __all__ = [
     "DataConfig", "DataError", "Splits", "EvalInfo", "CocoDetection", "VOCDetection",
@@ -319,14 +319,17 @@ _SHAPES_FORMAT = 1  # bump when the written files change, so that old folders ar
 
 
 def write_shapes_coco(folder: str | Path, split: str, size: int, image_size: int, seed: int) -> Path:
-    """Render ``size`` Shapes detection scenes of ``split`` into ``folder/<split>`` as COCO files.
+    """Render ``size`` Shapes detection scenes of ``split`` into ``folder`` as COCO files.
 
-    Writes ``folder/<split>/images/000000.png ...`` and ``folder/<split>/instances.json`` (last,
-    atomically: a folder with the JSON is complete) and returns the JSON path.  Nothing is
-    written when the JSON already records the same parameters in its ``info``.  Category ids
-    are ``1..6`` in the order of :data:`afan.shapes.SHAPE_CLASSES`; annotation ids start at 1.
+    Each setting has its own sub-folder, ``<split>_<size>x<image_size>px_seed<seed>``, so a run
+    with other sizes never rewrites the images a running job reads. It holds
+    ``images/000000.png ...`` and ``instances.json``, written last (a folder with the JSON is
+    complete); every file is written to a temporary name and renamed, so two jobs writing the
+    same folder at once leave whole files. Returns the JSON path; nothing is written when the
+    JSON already records the same parameters in its ``info``. Category ids are ``1..6`` in the
+    order of :data:`afan.shapes.SHAPE_CLASSES`; annotation ids start at 1.
     """
-    out = Path(folder) / split
+    out = Path(folder) / f"{split}_{int(size)}x{int(image_size)}px_seed{int(seed)}"
     path = out / "instances.json"
     params = {"generator": "afan.shapes", "format": _SHAPES_FORMAT, "split": split, "size": int(size),
               "image_size": int(image_size), "seed": int(seed), "max_shapes": 3}
@@ -349,7 +352,9 @@ def write_shapes_coco(folder: str | Path, split: str, size: int, image_size: int
         sample = dataset.sample(index)
         file_name = f"{index:06d}.png"
         pixels = np.round(sample.image.transpose(1, 2, 0) * 255.0).astype(np.uint8)
-        Image.fromarray(pixels).save(images_dir / file_name)
+        temporary = images_dir / f".{file_name}.{os.getpid()}.tmp"
+        Image.fromarray(pixels).save(temporary, format="PNG")
+        os.replace(temporary, images_dir / file_name)
         images.append({"id": index + 1, "file_name": file_name, "width": image_size, "height": image_size})
         for box, cls in zip(sample.boxes.tolist(), sample.labels.tolist()):
             x1, y1, x2, y2 = box
@@ -357,12 +362,6 @@ def write_shapes_coco(folder: str | Path, split: str, size: int, image_size: int
                 "id": len(annotations) + 1, "image_id": index + 1, "category_id": int(cls) + 1,
                 "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0,
             })
-    # Images left over from an earlier, larger set would confuse nobody (the JSON lists the
-    # files) but waste space.
-    pattern = re.compile(r"^\d{6}\.png$")
-    for stale in images_dir.iterdir():
-        if pattern.match(stale.name) and int(stale.name[:6]) >= size:
-            stale.unlink()
     data = {
         "info": {"description": "afan Shapes detection scenes", "params": params},
         "images": images,
@@ -502,6 +501,7 @@ def build_datasets(cfg: DataConfig, seed: int = 0) -> Splits:
         else:
             train = _coco_split(root, "train", True, flip)
             test = _coco_split(root, "val", False, None)
+            check_images([r.path for r in train.records + test.records], "COCO images")
         if train.label_to_category != test.label_to_category:
             raise DataError(
                 f"the categories of {train.annotation_file} and {test.annotation_file} differ; both "
@@ -514,6 +514,7 @@ def build_datasets(cfg: DataConfig, seed: int = 0) -> Splits:
     train_sets = [("VOC2007", "trainval")] + ([("VOC2012", "trainval")] if cfg.name == "voc0712" else [])
     train = VOCDetection(root, train_sets, train=True, transform=flip)
     test = VOCDetection(root, [("VOC2007", "test")], train=False)
+    check_images([r.path for r in train.records + test.records], "VOC images")
     info = EvalInfo(kind="voc", ground_truth=test.ground_truth(), use_07_metric=True,
                     image_names={r.image_id: r.name for r in test.records})
     return Splits(train, test, len(test.class_names), test.class_names, cfg.name, info)

@@ -20,18 +20,20 @@ import contextlib
 import copy
 import csv
 import io
+import json
 import math
-import os
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 
+from afan.checkpoint import atomic_open
 from afan.rundir import progress
 from Detection.data import make_loader
 
-__all__ = ["voc_ap", "voc_eval", "coco_eval", "evaluate", "save_per_class_csv", "draw_detections", "box_iou"]
+__all__ = ["voc_ap", "voc_eval", "coco_eval", "evaluate", "save_per_class_csv", "save_coco_json",
+           "detection_figure", "draw_detections", "box_iou"]
 
 
 def _array(value, dtype, shape=None) -> np.ndarray:
@@ -244,28 +246,30 @@ def evaluate(eval_info, detections: Mapping, class_names: Sequence[str]) -> dict
 
 def save_per_class_csv(per_class: Mapping[str, float], path) -> Path:
     """Write ``class,AP`` rows (AP as a fraction, ``nan`` for a class without ground truth)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "w", newline="", encoding="utf-8") as file:
+    with atomic_open(path, "w", newline="", encoding="utf-8") as file:
         writer = csv.writer(file)
         writer.writerow(["class", "AP"])
         for name, ap in per_class.items():
             writer.writerow([name, f"{float(ap):.6f}"])
-    os.replace(temporary, path)
-    return path
+    return Path(path)
 
 
-def draw_detections(image, boxes, labels, scores, class_names: Sequence[str], path, score_threshold: float = 0.5) -> Path:
-    """Save a PNG of ``image`` with its boxes (score >= threshold) and ``name score`` captions.
+def detection_figure(image, boxes, labels, scores, class_names: Sequence[str], *, ground_truth=None,
+                     score_threshold: float = 0.5, at_least: int = 3):
+    """A matplotlib Figure of ``image`` with its detections and, dashed, its ground truth.
 
     ``image``: float [3, H, W] in [0, 1] (tensor or array) or uint8 [H, W, 3]; ``scores=None``
-    draws every box without a score (e.g. ground truth); ``class_names[label]`` names a box.
+    draws every box without a score; ``class_names[label]`` names a box; ``ground_truth``:
+    ``{"boxes", "labels"}`` drawn dashed in the class colour. Detections with a score below
+    ``score_threshold`` are left out, except that when none reaches it the ``at_least`` best
+    are drawn (a short run's image is not blank) and the legend says so. A legend under the
+    image names each class drawn and the two line styles.
     """
     import matplotlib
-    import matplotlib.patches
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch, Rectangle
 
     if hasattr(image, "detach"):
         image = image.detach().cpu().numpy()
@@ -278,33 +282,75 @@ def draw_detections(image, boxes, labels, scores, class_names: Sequence[str], pa
         image = image[..., 0]
     boxes = _array(boxes, np.float64, (-1, 4))
     labels = _array(labels, np.int64)
-    scores = None if scores is None else _array(scores, np.float64)
+    shown = np.arange(len(boxes))
+    note = None
+    if scores is not None:
+        scores = _array(scores, np.float64)
+        shown = np.flatnonzero(scores >= score_threshold)
+        if shown.size == 0 and scores.size:
+            shown = np.argsort(-scores, kind="stable")[:at_least]
+            note = f"no score >= {score_threshold:g}: the {shown.size} best shown"
+    truth = (np.zeros((0, 4)), np.zeros(0, np.int64)) if ground_truth is None else (
+        _array(ground_truth["boxes"], np.float64, (-1, 4)), _array(ground_truth["labels"], np.int64))
     height, width = image.shape[:2]
 
     scale = max(1.0, 256 / max(width, height, 1))  # small images are enlarged so captions stay legible
-    figure = Figure(figsize=(width * scale / 100, height * scale / 100), dpi=100)
+    legend_px = 60
+    total_px = height * scale + legend_px
+    figure = Figure(figsize=(max(width * scale, 256) / 100, total_px / 100), dpi=100)
     FigureCanvasAgg(figure)
-    axes = figure.add_axes([0, 0, 1, 1])
+    axes = figure.add_axes([0, legend_px / total_px, 1, height * scale / total_px])
     # extent: pixel j covers [j, j + 1), the boxes' convention (imshow centres pixels on j).
     axes.imshow(image, cmap="gray" if image.ndim == 2 else None, extent=(0, width, height, 0), interpolation="nearest")
     axes.set_axis_off()
     colours = matplotlib.colormaps["tab10"].colors
-    for k, (box, label) in enumerate(zip(boxes, labels)):
-        if scores is not None and scores[k] < score_threshold:
-            continue
-        x1, y1, x2, y2 = box
-        colour = colours[int(label) % len(colours)]
-        axes.add_patch(matplotlib.patches.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, linewidth=1.5))
-        name = class_names[label] if 0 <= label < len(class_names) else str(label)
-        caption = name if scores is None else f"{name} {scores[k]:.2f}"
+    colour_of = lambda label: colours[int(label) % len(colours)]
+    name_of = lambda label: class_names[label] if 0 <= label < len(class_names) else str(label)
+    for (x1, y1, x2, y2), label in zip(*truth):
+        axes.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour_of(label), linewidth=1.2,
+                                 linestyle="--"))
+    for k in shown:
+        x1, y1, x2, y2 = boxes[k]
+        label = labels[k]
+        axes.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour_of(label), linewidth=1.8))
+        caption = name_of(label) if scores is None else f"{name_of(label)} {scores[k]:.2f}"
         axes.text(x1, y1, caption, fontsize=7, color="white", va="bottom",
-                  bbox=dict(facecolor=colour, edgecolor="none", pad=1, alpha=0.8))
+                  bbox=dict(facecolor=colour_of(label), edgecolor="none", pad=1, alpha=0.8))
     axes.set_xlim(0, width)
     axes.set_ylim(height, 0)
+    drawn = sorted({int(l) for l in labels[shown]} | {int(l) for l in truth[1]})
+    handles = [Patch(color=colour_of(label), label=name_of(label)) for label in drawn]
+    handles += [Line2D([], [], color="black", linestyle="-", label="prediction"),
+                Line2D([], [], color="black", linestyle="--", label="ground truth")]
+    figure.legend(handles=handles, loc="lower center", ncols=min(len(handles), 4), fontsize=7, frameon=False,
+                  title=note, title_fontsize=7)
+    return figure
+
+
+def draw_detections(image, boxes, labels, scores, class_names: Sequence[str], path, score_threshold: float = 0.5,
+                    ground_truth=None) -> Path:
+    """Save :func:`detection_figure` as a PNG at ``path``."""
+    figure = detection_figure(image, boxes, labels, scores, class_names, ground_truth=ground_truth,
+                              score_threshold=score_threshold)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format="png")
     return path
+
+
+def save_coco_json(detections: Mapping, eval_info, path) -> Path:
+    """Write the detections as a COCO results file (``[{image_id, category_id, bbox, score}]``,
+    bbox as x, y, w, h), which ``pycocotools.coco.COCO.loadRes`` reads. COCO-format data keep
+    their category ids; VOC labels are their own ids, and ``file_name`` names the image."""
+    label_to_category = eval_info.label_to_category or {label: label for det in detections.values()
+                                                         for label in _array(det["labels"], np.int64).tolist()}
+    results = coco_results(detections, label_to_category)
+    for result in results:
+        if result["image_id"] in eval_info.image_names:
+            result["file_name"] = eval_info.image_names[result["image_id"]]
+    with atomic_open(path, "w", encoding="utf-8") as file:
+        json.dump(results, file)
+    return Path(path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,7 +358,9 @@ def draw_detections(image, boxes, labels, scores, class_names: Sequence[str], pa
 
 
 def predict(model, dataset, device, batch_size: int = 4) -> dict:
-    """image_id -> {"boxes", "labels", "scores"} (CPU tensors) for every image of ``dataset``."""
+    """image_id -> {"boxes", "labels", "scores"} (CPU tensors) for every image of ``dataset``;
+    the model is left in the mode it was in (training goes on after an evaluation)."""
+    was_training = model.training
     model.eval()
     detections = {}
     loader = make_loader(dataset, batch_size, train=False, workers=0, seed=0)
@@ -321,19 +369,25 @@ def predict(model, dataset, device, batch_size: int = 4) -> dict:
             outputs = model([image.to(device) for image in images])
             for target, output in zip(targets, outputs):
                 detections[int(target["image_id"])] = {k: v.cpu() for k, v in output.items()}
+    model.train(was_training)
     return detections
 
 
-def run_evaluation(model, splits, device, out_dir, *, draw: int = 4) -> dict:
-    """Predict the test split, score it, write ``per_class_ap.csv`` and ``draw`` pictures of
-    predictions into ``out_dir/predictions``; returns the scalar metrics."""
+def run_evaluation(model, splits, device, out_dir, *, draw: int = 4, write: bool = True) -> dict:
+    """Predict the test split and score it; returns the scalar metrics. With ``write``, also
+    ``per_class_ap.csv``, ``detections.json`` (COCO results format) and ``draw`` pictures of
+    predictions with their ground truth in ``out_dir/predictions``."""
     out_dir = Path(out_dir)
     detections = predict(model, splits.test, device)
     metrics = evaluate(splits.eval_info, detections, splits.class_names)
-    save_per_class_csv(metrics.pop("per_class"), out_dir / "per_class_ap.csv")
+    per_class = metrics.pop("per_class")
+    if not write:
+        return metrics
+    save_per_class_csv(per_class, out_dir / "per_class_ap.csv")
+    save_coco_json(detections, splits.eval_info, out_dir / "detections.json")
     for index in range(min(draw, len(splits.test))):
         image, target = splits.test[index]
         found = detections[int(target["image_id"])]
         draw_detections(image, found["boxes"], found["labels"], found["scores"], splits.class_names,
-                        out_dir / "predictions" / f"{index:03d}.png")
+                        out_dir / "predictions" / f"{index:03d}.png", ground_truth=target)
     return metrics

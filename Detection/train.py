@@ -8,8 +8,11 @@
 Every ``log_every`` iterations the mean losses, learning rate, perturbation sizes and
 seconds per iteration go to ``metrics.csv`` (and ``curves.png``); ``last.pth`` (full state,
 what ``--resume`` continues from) is written every ``checkpoint_every`` iterations and at the
-end. Then the model is evaluated on the test split (VOC mAP, and COCO AP for COCO-format
-data), with per-class AP in ``per_class_ap.csv`` and a few drawn predictions, and one line
+end. With ``eval_every``, the model is also scored on the test split during training (the
+mAP curve in ``curves.png``) and the best one kept as ``best.pth`` (by COCO AP for
+COCO-format data, VOC mAP otherwise). Then the model is evaluated on the test split (VOC mAP, and COCO AP for COCO-format
+data), with per-class AP in ``per_class_ap.csv``, the detections as COCO results in
+``detections.json`` and a few drawn predictions with their ground truth, and one line
 ``SUMMARY {json}`` is printed (also ``summary.json``).
 """
 from __future__ import annotations
@@ -25,13 +28,13 @@ import torch
 import afan
 from afan import distributed
 from afan.checkpoint import save_checkpoint
-from afan.cli import train_main
+from afan.cli import train_main, warn_random_backbone
 from afan.guard import TrainingGuard, guarded_step
 from afan.loading import iteration_batches
 from afan.rundir import (LogWindow, RunDir, continue_run, log_line, perturbation_sizes, progress,
                          save_training_state, write_summary)
 from afan.runtime import compile_parts, grad_scaler, resolve_precision, seed_everything
-from afan.settings import AdvPropConfig, RunSettings, check_positive
+from afan.settings import AdvPropConfig, RunSettings, check_nonnegative, check_positive
 from Detection.config import AfanConfig, ModelConfig
 from Detection.data import DataConfig, build_datasets, collate
 from Detection.evaluation import run_evaluation
@@ -65,6 +68,7 @@ class TrainConfig(RunSettings):
     batch_size: int = 8
     checkpoint_every: int = 1000
     log_every: int = 20
+    eval_every: int = 0  # also evaluate (and keep best.pth) every N iterations; 0: only at the end
     draw_images: int = 4  # test images drawn with their predictions at the end
     out: str = "runs/detection"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -75,6 +79,7 @@ class TrainConfig(RunSettings):
 
     def __post_init__(self):
         check_positive(self, ("iterations", "batch_size", "checkpoint_every", "log_every"))
+        check_nonnegative(self, "", ("eval_every",))
         needs_bn = self.mode == "advprop" or (self.mode == "afan" and self.afan.aux_bn)
         if needs_bn and self.model.norm != "bn":
             raise ValueError("auxiliary BN (mode=advprop or afan.aux_bn=true) needs trainable "
@@ -120,6 +125,8 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
     seed_everything(cfg.seed, cfg.deterministic)
     with distributed.main_first(process):  # Shapes data is written to disk once
         splits = build_datasets(cfg.data, seed=cfg.seed)
+    if process.is_main:
+        warn_random_backbone(cfg)
     model = build_model(cfg, splits.num_classes, device)
     run_step = distributed.step_runner(model, lambda m, images, targets: training_step(m, images, targets, cfg),
                                        process, device, sync_bn=cfg.sync_bn)
@@ -133,11 +140,13 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
     precision = resolve_precision(cfg.precision, device)
     scaler = grad_scaler(precision, device)
 
-    start, skipped = 0, 0
+    # The best model is chosen by COCO AP where the data has it, else by VOC mAP.
+    best_key = "AP" if splits.eval_info.kind == "coco" else "mAP"
+    start, best, skipped = 0, -1.0, 0
     if resume:
         state = continue_run(cfg.out, run_dir, model, optimizer, scheduler, position="iteration", process=process,
                              scaler=scaler)
-        start, skipped = state["iteration"], state.get("skipped_steps", 0)
+        start, best, skipped = state["iteration"], state.get("best_score", -1.0), state.get("skipped_steps", 0)
     if run_dir:
         run_dir.save_config(cfg)
 
@@ -163,15 +172,26 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
                         **perturbation_sizes("se", result.se_perturbation),
                         **perturbation_sizes("sd", result.sd_perturbation)})
             bar.set_postfix(loss=f"{result.loss.item():.4g}", refresh=False)
-            if done % cfg.log_every == 0 or done == cfg.iterations:
+            log_now = done % cfg.log_every == 0 or done == cfg.iterations
+            eval_now = bool(cfg.eval_every) and (done % cfg.eval_every == 0 or done == cfg.iterations)
+            if log_now or eval_now:
                 means = window.close(process, device)  # every process comes here at the same iterations
-                if run_dir:
+            if run_dir:
+                scores = {}
+                if eval_now:
+                    scores = run_evaluation(model, splits, device, run_dir.path, draw=0, write=False)
+                    if scores[best_key] > best:
+                        best = scores[best_key]
+                        save_checkpoint({**checkpoint_payload(afan.strip_aux_bn(model)), "iteration": done, **scores},
+                                        run_dir.best_checkpoint)
+                if log_now or eval_now:
                     lr = optimizer.param_groups[0]["lr"]
-                    run_dir.metrics.log(iteration=done, lr=lr, **means, **guard.counts())
-                    log_line(done, cfg.iterations, lr, means)
+                    scores = {f"val_{k}": v for k, v in scores.items()}
+                    run_dir.metrics.log(iteration=done, lr=lr, **means, **scores, **guard.counts())
+                    log_line(done, cfg.iterations, lr, {**means, **scores})
             if done % cfg.checkpoint_every == 0 or done == cfg.iterations or guard.stop_requested:
                 save_training_state(run_dir, process, checkpoint_payload(model), optimizer, scheduler, cfg,
-                                    scaler=scaler, iteration=done, **guard.counts(always=True))
+                                    scaler=scaler, iteration=done, best_score=best, **guard.counts(always=True))
             if guard.stop_requested:
                 guard.stop(f"iteration {done}")
     if not run_dir:
@@ -184,7 +204,7 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
     metrics = run_evaluation(final, splits, device, run_dir.path, draw=cfg.draw_images)
     rows = run_dir.metrics.rows()
     summary = {"mode": cfg.mode, "model": cfg.model.name, "data": cfg.data.name,
-               "iterations": cfg.iterations, **metrics,
+               "iterations": cfg.iterations, **metrics, f"best_{best_key}": max(best, metrics[best_key]),
                "sec_per_iter": sum(r["sec_per_iter"] for r in rows) / max(len(rows), 1),
                **guard.counts(), "out": str(run_dir.path)}
     write_summary(run_dir, summary)

@@ -59,7 +59,7 @@ from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 
 from afan import loading
-from afan.loading import DataError, load_rgb
+from afan.loading import DataError, check_images, load_rgb
 from afan.shapes import MIN_IMAGE_SIZE, SHAPE_CLASSES, ShapesDataset
 
 __all__ = [
@@ -450,6 +450,7 @@ def build_datasets(cfg: DataConfig, seed: int = 0) -> Splits:
     if cfg.name == "cityscapes":
         train = cityscapes_dataset(root, "train", transform)
         val = cityscapes_dataset(root, "val")
+        check_images([path for data in (train, val) for pair in data.pairs for path in pair], "Cityscapes images and masks")
         return Splits(train, val, len(CITYSCAPES_CLASSES), CITYSCAPES_CLASSES, cfg.name, CITYSCAPES_PALETTE.copy())
     val = voc_dataset(root, "val")
     if cfg.name == "voc12":
@@ -457,6 +458,7 @@ def build_datasets(cfg: DataConfig, seed: int = 0) -> Splits:
     else:
         val_ids = [image.stem for image, _ in val.pairs]
         train = voc_dataset(root, "train_aug", "SegmentationClassAug", transform, exclude=val_ids)
+    check_images([path for data in (train, val) for pair in data.pairs for path in pair], "VOC images and masks")
     return Splits(train, val, len(VOC_CLASSES), VOC_CLASSES, cfg.name, voc_palette())
 
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from afan.rundir import progress
@@ -56,16 +55,35 @@ def _batches(batch):
     return [(image[None], mask[None]) for image, mask in zip(images, masks)]
 
 
-def _picture(image: Tensor, mask: Tensor, pred: Tensor, palette) -> Image.Image:
-    """Image, ground truth and prediction side by side."""
+def segmentation_figure(image: Tensor, mask: Tensor, pred: Tensor, palette, class_names):
+    """A matplotlib Figure: the image, its ground truth and the prediction side by side, each
+    enlarged to at least 256 pixels, with a legend naming the colour of every class shown
+    (and of ``ignore``, 255, where the ground truth has it)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
     rgb = (image.permute(1, 2, 0).clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
-    parts = [rgb, np.asarray(colorize(mask.cpu(), palette).convert("RGB")),
-             np.asarray(colorize(pred.cpu(), palette).convert("RGB"))]
-    return Image.fromarray(np.concatenate(parts, axis=1))
+    mask, pred = mask.cpu(), pred.cpu()
+    panels = {"image": rgb, "ground truth": np.asarray(colorize(mask, palette).convert("RGB")),
+              "prediction": np.asarray(colorize(pred, palette).convert("RGB"))}
+    height, width = rgb.shape[:2]
+    side = max(2.56, 2.56 * width / max(height, 1))  # inches per panel at 100 dpi
+    figure = Figure(figsize=(3 * side, side * height / max(width, 1) + 0.9), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    for axes, (title, picture) in zip(figure.subplots(1, 3), panels.items()):
+        axes.imshow(picture, interpolation="nearest")
+        axes.set_title(title, fontsize=9)
+        axes.set_axis_off()
+    shown = sorted(set(torch.unique(mask).tolist()) | set(torch.unique(pred).tolist()))
+    name_of = lambda c: "ignore" if c == 255 else (class_names[c] if c < len(class_names) else str(c))
+    handles = [Patch(facecolor=np.asarray(palette[c]) / 255, edgecolor="grey", label=name_of(c)) for c in shown]
+    figure.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), fontsize=7, frameon=False)
+    return figure
 
 
 def evaluate(model, dataset, device, num_classes: int, cfg: EvalConfig, *, pictures_dir=None,
-             palette=None, workers: int = 0) -> dict:
+             palette=None, class_names=(), workers: int = 0) -> dict:
     """Scores of ``model`` on ``dataset`` (see ``Segmentation.metrics.scores``); with
     ``pictures_dir``, the first ``cfg.save_images`` images are saved with ground truth and
     prediction as ``pred_<k>.png``. ``cfg.mode="crop"`` scores the centre crops of
@@ -86,7 +104,8 @@ def evaluate(model, dataset, device, num_classes: int, cfg: EvalConfig, *, pictu
                 for k in range(len(images)):
                     if pictures_dir is None or saved >= cfg.save_images:
                         break
-                    _picture(images[k], masks[k], preds[k], palette).save(Path(pictures_dir) / f"pred_{saved}.png")
+                    figure = segmentation_figure(images[k], masks[k], preds[k], palette, class_names)
+                    figure.savefig(Path(pictures_dir) / f"pred_{saved}.png", format="png")
                     saved += 1
     finally:
         model.train(was_training)
@@ -99,6 +118,6 @@ def run_evaluation(model, splits, device, out_dir, cfg: EvalConfig, workers: int
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     scores = evaluate(model, splits.val, device, splits.num_classes, cfg, pictures_dir=out_dir,
-                      palette=splits.palette, workers=workers)
+                      palette=splits.palette, class_names=splits.class_names, workers=workers)
     write_per_class_csv(out_dir / "per_class_iou.csv", splits.class_names, scores["per_class_iou"])
     return {k: v for k, v in scores.items() if k != "per_class_iou"}

@@ -23,7 +23,7 @@ import torch
 import afan
 from afan import distributed
 from afan.checkpoint import save_checkpoint
-from afan.cli import train_main
+from afan.cli import train_main, warn_random_backbone
 from afan.guard import TrainingGuard, guarded_step
 from afan.loading import iteration_batches
 from afan.rundir import (LogWindow, RunDir, continue_run, log_line, perturbation_sizes, progress,
@@ -102,6 +102,8 @@ def run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> d
 def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bool, overwrite: bool) -> dict:
     seed_everything(cfg.seed, cfg.deterministic)
     splits = build_datasets(cfg.data, seed=cfg.seed)
+    if process.is_main:
+        warn_random_backbone(cfg)
     model = build_model(cfg, splits.num_classes, device)
     run_step = distributed.step_runner(model, lambda m, images, masks: training_step(m, images, masks, cfg),
                                        process, device, sync_bn=cfg.sync_bn)

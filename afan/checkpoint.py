@@ -174,7 +174,7 @@ def resolve_architecture(path, requested: Optional[str], recorded: Optional[str]
     name = requested or recorded
     if name is None:
         raise CheckpointError(f"{path} does not say which architecture it holds (a plain state dict?); "
-                              f"pass name= (one of {', '.join(names)})")
+                              f"name the architecture (--model NAME on the command line, name= in Python; one of {', '.join(names)})")
     try:
         check(name)
     except ValueError as error:  # only a name read from the file gets here

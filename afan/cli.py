@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from afan.checkpoint import CheckpointError
-from afan.config import ConfigError, add_config_arguments, load_config
+from afan.config import ConfigError, add_config_arguments, config_yaml, load_config
 from afan.guard import NonFiniteLoss, StopRequested
 from afan.loading import DataError
 from afan.rundir import CONFIG_NAME, RunDir
@@ -40,6 +40,8 @@ def parse_train_args(config_cls, description: str, argv=None, configs: Path = No
     add_config_arguments(parser)
     parser.add_argument("--resume", action="store_true", help="continue the run in `out` from last.pth")
     parser.add_argument("--overwrite", action="store_true", help="start `out` again, deleting the old run")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved settings (every key, as config.yaml would hold them) and exit")
     args = parser.parse_intermixed_args(argv)  # KEY=VALUE overrides may follow flags
     cfg = load_config(config_cls, args.config if configs is None else config_path(args.config, Path(configs)),
                       args.overrides)
@@ -54,6 +56,9 @@ def train_main(argv, *, config_cls, run: Callable, description: str, module: str
     cfg = None
     try:
         cfg, args = parse_train_args(config_cls, description, argv, configs)
+        if args.print_config:
+            print(config_yaml(cfg), end="")
+            return 0
         run(cfg, resume=args.resume, overwrite=args.overwrite)
     except FAILURES as error:
         return failure_status(error, cfg, module=module, configs=configs)
@@ -167,3 +172,14 @@ def test_output(args, data_name: str) -> Path:
         number += 1
         out = folder / f"{stem}-{number}"
     return out
+
+
+def warn_random_backbone(cfg) -> None:
+    """Say loudly, on stderr, when a run on a real data set starts its backbone from random
+    weights: the released runs start from torchvision's ImageNet weights
+    (``model.backbone_weights``), and without them the paper's numbers are out of reach."""
+    if cfg.data.name != "shapes" and not cfg.model.backbone_weights:
+        print(f"warning: model.backbone_weights is empty, so the {cfg.model.name} backbone starts from random "
+              f"weights; the released {cfg.data.name} runs start from torchvision's ImageNet weights (e.g. "
+              "https://download.pytorch.org/models/resnet50-0676ba61.pth): set model.backbone_weights=PATH",
+              file=sys.stderr, flush=True)

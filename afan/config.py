@@ -7,7 +7,7 @@ instead of being ignored or failing deep inside training.
 
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)
-    args = parser.parse_args()   # train.py --config configs/cifar.yaml lr=0.05 optim.momentum=0.8
+    args = parser.parse_args()   # train.py --config configs/cifar.yaml optim.lr=0.05 optim.momentum=0.8
     cfg = load_config(TrainConfig, args.config, args.overrides)
 """
 
@@ -99,11 +99,15 @@ def config_to_dict(cfg) -> dict:
     return cfg
 
 
+def config_yaml(cfg) -> str:
+    """The resolved config, every key, as YAML (what ``config.yaml`` holds)."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
 def save_config(cfg, path) -> None:
     """Write the resolved config as YAML; ``load_config(type(cfg), path)`` gives it back."""
-    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
     with atomic_open(path, "w", encoding="utf-8") as file:
-        file.write(text)
+        file.write(config_yaml(cfg))
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -113,7 +117,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         "overrides",
         nargs="*",
         metavar="KEY=VALUE",
-        help="settings applied after the YAML file, e.g. lr=0.05 optim.momentum=0.8 milestones=[50,150]",
+        help="settings applied after the YAML file, e.g. optim.lr=0.05 batch_size=64 afan.mask=0011",
     )
     return parser
 

@@ -7,6 +7,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 from torch.utils.data import DataLoader, Dataset
 
 from afan.distributed import Process, local_batch_size
@@ -28,6 +29,20 @@ def load_rgb(path: str) -> Image.Image:
             return image.convert("RGB")  # convert() decodes the whole file: truncation shows here
     except (UnidentifiedImageError, OSError) as error:
         raise DataError(f"cannot read image {path} ({error}); delete or replace this file") from error
+
+
+def check_images(paths, what: str) -> None:
+    """Open every file in ``paths`` as an image and check its structure (PIL's ``verify``: a
+    JPEG's segments up to its end, a PNG's chunks and checksums), so that a missing, garbage
+    or cut-off file stops the run before anything is written or trained, with a DataError
+    naming it. (Damage that only decoding finds still shows in ``load_rgb``, when it is read.)"""
+    paths = list(paths)
+    for path in tqdm(paths, desc=f"checking {what}", disable=None if len(paths) > 2000 else True, leave=False):
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+            raise DataError(f"cannot read image {path} ({error}); delete or replace this file") from error
 
 
 def seed_worker(worker_id: int) -> None:

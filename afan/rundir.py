@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from tqdm import tqdm
 
 from afan.checkpoint import (CheckpointError, atomic_open, key_mismatches, load_checkpoint, remove_partial_writes,
@@ -125,6 +126,13 @@ class MetricsLog:
 
     def plot(self, png_path, x: str = "epoch") -> Path:
         """Save a PNG with one panel per numeric column against column ``x``."""
+        figure = self.figure(x)
+        with atomic_open(png_path, "wb") as file:
+            figure.savefig(file, format="png", dpi=100)
+        return Path(png_path)
+
+    def figure(self, x: str = "epoch") -> Figure:
+        """The figure :meth:`plot` saves: one panel per numeric column against column ``x``."""
         rows = self.rows()
         if x not in self.columns:
             raise ValueError(f"cannot plot {self.path}: no column {x!r} (columns: {', '.join(self.columns)})")
@@ -138,15 +146,23 @@ class MetricsLog:
         axes = list(figure.subplots(nrows, ncols, squeeze=False).flat)
         for ax, name in zip(axes, metrics):
             points = [(row[x], row[name]) for row in rows if row[x] is not None and row[name] is not None]
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker=".")
+            xs, ys = [p[0] for p in points], [p[1] for p in points]
+            ax.plot(xs, ys, marker=".")
             ax.set_title(name)
             ax.set_xlabel(x)
             ax.grid(alpha=0.3)
+            if all(isinstance(value, int) for value in xs):  # epochs and iterations: no 2.5
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            # A constant metric (a fixed-size perturbation) drew as 1e-11 + 9.8e-3 on an offset
+            # axis; plain numbers, and a flat line in the middle of a readable range.
+            ax.ticklabel_format(axis="y", useOffset=False)
+            if ys and max(ys) - min(ys) <= 1e-6 * max(abs(max(ys)), abs(min(ys)), 1e-12):
+                centre = (max(ys) + min(ys)) / 2
+                half = 0.05 * abs(centre) or 1.0
+                ax.set_ylim(centre - half, centre + half)
         for ax in axes[len(metrics) :]:  # the panels left over in the last row of the grid
             ax.set_visible(False)
-        with atomic_open(png_path, "wb") as file:
-            figure.savefig(file, format="png", dpi=100)
-        return Path(png_path)
+        return figure
 
     def _writer(self, file) -> csv.DictWriter:
         return csv.DictWriter(file, fieldnames=self.columns, restval="", lineterminator="\n")

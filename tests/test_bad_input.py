@@ -220,6 +220,17 @@ def test_a_corrupt_image_is_named(tmp_path, capsys):
     assert f"cannot read image {root / 'train' / 'a' / '0.JPEG'}" in error and "replace this file" in error
 
 
+def test_overwrite_with_a_corrupt_image_keeps_the_old_run(run, tmp_path, capsys):
+    """The data are checked before --overwrite deletes anything."""
+    copy = _damaged_copy(run, tmp_path, (run / "last.pth").read_bytes())  # an intact copy
+    before = _snapshot(copy)
+    root = _image_folder(tmp_path / "in", ["a", "b"], corrupt=True)
+    assert cls_train.main([*TINY, "data.name=imagenet", f"data.root={root}", "data.image_size=8", "batch_size=4",
+                           f"out={copy}", "--overwrite"]) == 2
+    assert f"cannot read image {root / 'train' / 'a' / '0.JPEG'}" in capsys.readouterr().err
+    assert _snapshot(copy) == before
+
+
 def test_a_malformed_annotation_file_is_named(tmp_path, capsys):
     root = tmp_path / "coco"
     (root / "annotations").mkdir(parents=True)

@@ -157,7 +157,7 @@ def test_resolve_architecture_agrees_with_the_file_or_says_what_to_pass():
     assert resolve_architecture("f.pth", "large", None, _known, ["small", "large"]) == "large"
     with pytest.raises(CheckpointError, match="f.pth holds a small model, not the requested large"):
         resolve_architecture("f.pth", "large", "small", _known, ["small", "large"])
-    with pytest.raises(CheckpointError, match=r"f.pth does not say which architecture.*pass name= \(one of small, large\)"):
+    with pytest.raises(CheckpointError, match=r"f.pth does not say which architecture.*--model NAME on the command line, name= in Python; one of small, large\)"):
         resolve_architecture("f.pth", None, None, _known, ["small", "large"])
     with pytest.raises(CheckpointError, match="f.pth: unknown model 'tiny'"):
         resolve_architecture("f.pth", None, "tiny", _known, ["small", "large"])

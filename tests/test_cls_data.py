@@ -247,15 +247,16 @@ def test_image_folders_class_mismatch_names_classes(folder_root):
         build_datasets(DataConfig(name="imagenet", root=str(folder_root)))
 
 
-def test_image_folders_corrupt_image_named_when_read(folder_root):
+def test_image_folders_corrupt_image_named_before_training(folder_root):
     bad = folder_root / "val" / "n01" / "img0.JPEG"
-    bad.write_bytes(bad.read_bytes()[:100])  # truncated JPEG
-    splits = build_datasets(DataConfig(name="imagenet", root=str(folder_root), image_size=32))
-    with pytest.raises(DataError, match="img0.JPEG"):
-        splits.val[0]
+    good = bad.read_bytes()
+    bad.write_bytes(good[:100])  # truncated JPEG
+    with pytest.raises(DataError, match=r"val/n01/img0\.JPEG"):
+        build_datasets(DataConfig(name="imagenet", root=str(folder_root), image_size=32))
+    bad.write_bytes(good)
     (folder_root / "train" / "n01" / "img0.JPEG").write_bytes(b"not an image")
-    with pytest.raises(DataError, match="img0.JPEG"):
-        splits.train[0]
+    with pytest.raises(DataError, match=r"train/n01/img0\.JPEG"):
+        build_datasets(DataConfig(name="imagenet", root=str(folder_root), image_size=32))
 
 
 # --------------------------------------------------------------------------------------------

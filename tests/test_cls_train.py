@@ -246,10 +246,13 @@ def test_newcomer_without_cifar_is_told_what_to_do(tmp_path):
 
 def test_compare_prints_a_table_and_writes_the_plot(tmp_path, capsys):
     from Classification import compare
-    figure = tmp_path / "figs" / "cmp.png"
+    tracked = ROOT / "Figs" / "shapes_base_vs_afan.png"
+    before = tracked.read_bytes()
     args = ["epochs=1", "afan.steps=1", "data.train_size=32", "data.val_size=16", "data.test_size=16",
-            "batch_size=16", "device=cpu", "--out", str(tmp_path / "runs"), "--figure", str(figure)]
+            "batch_size=16", "device=cpu", "--out", str(tmp_path / "runs")]
     assert compare.main(args) == 0
+    figure = tmp_path / "runs" / "base_vs_afan.png"  # beside the runs: the checkout stays clean
+    assert tracked.read_bytes() == before
     out = capsys.readouterr().out
     assert "| mode | best val. acc. | test acc. | s / epoch |" in out
     assert "| base |" in out and "| afan |" in out

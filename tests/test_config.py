@@ -240,3 +240,15 @@ def test_add_config_arguments():
     assert args.config == "f.yaml" and args.overrides == ["a=1", "b.c=2"]
     args = parser.parse_args([])
     assert args.config is None and args.overrides == []
+
+
+def test_print_config_shows_every_resolved_key_and_starts_nothing(tmp_path, capsys):
+    import yaml
+    from Detection import train as det_train
+    out = tmp_path / "run"
+    assert det_train.main(["--config", "shapes_afan.yaml", "afan.gamma_se=2.0", f"out={out}", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["afan"]["gamma_se"] == 2.0 and printed["model"]["name"] == "fasterrcnn_resnet18_c4"
+    assert printed["model"]["rpn_smooth_l1_beta"] is None  # left to the family's default
+    assert {"seed", "device", "precision", "optim", "data", "advprop"} <= set(printed)
+    assert not out.exists()

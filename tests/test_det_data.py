@@ -34,9 +34,10 @@ def test_config_rejects_unknown_name():
 
 def test_shapes_written_as_coco_read_back_like_render_sample(tmp_path):
     path = write_shapes_coco(tmp_path, "train", size=5, image_size=48, seed=3)
-    assert path == tmp_path / "train" / "instances.json"
-    assert sorted(p.name for p in (tmp_path / "train" / "images").iterdir()) == [f"{i:06d}.png" for i in range(5)]
-    data = CocoDetection(tmp_path / "train" / "images", path, train=False)
+    folder = tmp_path / "train_5x48px_seed3"
+    assert path == folder / "instances.json"
+    assert sorted(p.name for p in (folder / "images").iterdir()) == [f"{i:06d}.png" for i in range(5)]
+    data = CocoDetection(folder / "images", path, train=False)
     assert data.class_names == ("__background__", *SHAPE_CLASSES)
     assert len(data) == 5
     for index in range(5):
@@ -51,16 +52,18 @@ def test_shapes_written_as_coco_read_back_like_render_sample(tmp_path):
         assert target["image_id"] == index + 1
 
 
-def test_shapes_reused_when_parameters_match_and_rewritten_otherwise(tmp_path):
+def test_shapes_reused_when_parameters_match_and_never_rewritten_for_others(tmp_path):
+    """A run with other sizes (e.g. a test at another image size) writes its own folder: the
+    images a running job reads stay as they are."""
     path = write_shapes_coco(tmp_path, "val", size=3, image_size=32, seed=0)
-    png = tmp_path / "val" / "images" / "000000.png"
+    png = path.parent / "images" / "000000.png"
     stamps = (path.stat().st_mtime_ns, png.stat().st_mtime_ns)
     assert write_shapes_coco(tmp_path, "val", size=3, image_size=32, seed=0) == path
     assert (path.stat().st_mtime_ns, png.stat().st_mtime_ns) == stamps
-    write_shapes_coco(tmp_path, "val", size=2, image_size=32, seed=1)
-    info = json.loads(path.read_text())
-    assert info["info"]["params"]["seed"] == 1 and len(info["images"]) == 2
-    assert not (tmp_path / "val" / "images" / "000002.png").exists()  # stale image removed
+    other = write_shapes_coco(tmp_path, "val", size=2, image_size=48, seed=1)
+    assert other.parent.name == "val_2x48px_seed1" and len(json.loads(other.read_text())["images"]) == 2
+    assert (path.stat().st_mtime_ns, png.stat().st_mtime_ns) == stamps
+    assert not list(tmp_path.rglob("*.tmp"))  # every file was renamed into place
 
 
 def test_build_shapes_splits_and_loader(tmp_path):
@@ -195,12 +198,17 @@ def test_voc_unknown_class_names_the_file(tmp_path):
         build_datasets(DataConfig(name="voc07", root=str(tmp_path)))
 
 
-def test_corrupt_image_named_when_read(tmp_path):
+def test_corrupt_image_named_before_anything_starts(tmp_path):
+    """Every image's structure is checked when the data set is built, before a run folder is
+    touched: a file that is no image, or one cut in half."""
     base = make_voc(tmp_path)
+    good = (base / "JPEGImages" / "000001.jpg").read_bytes()
     (base / "JPEGImages" / "000001.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
-    splits = build_datasets(DataConfig(name="voc07", root=str(tmp_path)))
-    with pytest.raises(DataError, match="000001.jpg"):
-        splits.train[0]
+    with pytest.raises(DataError, match=r"cannot read image .*000001\.jpg .*replace this file"):
+        build_datasets(DataConfig(name="voc07", root=str(tmp_path)))
+    (base / "JPEGImages" / "000001.jpg").write_bytes(good[: len(good) // 2])
+    with pytest.raises(DataError, match=r"000001\.jpg \(Truncated File Read\)"):
+        build_datasets(DataConfig(name="voc07", root=str(tmp_path)))
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from Detection.evaluation import box_iou, coco_eval, draw_detections, save_per_class_csv, voc_ap, voc_eval
+from Detection.evaluation import (box_iou, coco_eval, detection_figure, draw_detections, save_per_class_csv, voc_ap,
+                                  voc_eval)
 
 # --------------------------------------------------------------------------------------------
 # voc_ap
@@ -250,3 +251,35 @@ def test_draw_detections_writes_png(tmp_path):
     draw_detections(image.numpy(), np.zeros((0, 4)), [], [], ("__background__",), tmp_path / "none.png")
     assert (tmp_path / "gt.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "none.png").is_file()
+
+
+def _drawn(figure):
+    """(solid rectangles, dashed rectangles, captions, legend texts, legend title) of a figure."""
+    from matplotlib.patches import Rectangle
+
+    axes = figure.axes[0]
+    boxes = [p for p in axes.patches if isinstance(p, Rectangle)]
+    solid = [p for p in boxes if p.get_linestyle() in ("-", "solid")]
+    dashed = [p for p in boxes if p.get_linestyle() in ("--", "dashed")]
+    legend = figure.legends[0]
+    return solid, dashed, [t.get_text() for t in axes.texts], [t.get_text() for t in legend.get_texts()], \
+        legend.get_title().get_text()
+
+
+def test_detection_pictures_show_ground_truth_dashed_and_a_legend():
+    names = ("__background__", "cat", "dog", "cow")
+    figure = detection_figure(torch.rand(3, 40, 60), [[5.0, 5, 30, 30], [10, 10, 50, 35]], [1, 2], [0.9, 0.2], names,
+                              ground_truth={"boxes": [[4.0, 6, 31, 29], [0, 0, 10, 10]], "labels": [1, 3]})
+    solid, dashed, captions, legend, title = _drawn(figure)
+    assert [p.get_xy() for p in solid] == [(5.0, 5.0)] and captions == ["cat 0.90"]  # 0.2 < 0.5 is left out
+    assert sorted(p.get_xy() for p in dashed) == [(0.0, 0.0), (4.0, 6.0)]
+    assert legend == ["cat", "cow", "prediction", "ground truth"] and title == ""
+
+
+def test_detection_pictures_of_a_short_run_show_the_best_boxes_and_say_so():
+    scores = [0.1, 0.3, 0.05, 0.2]
+    figure = detection_figure(np.zeros((20, 20, 3), np.uint8), [[0, 0, 5, 5]] * 4, [1, 1, 2, 2], scores,
+                              ("__background__", "a", "b"), score_threshold=0.5)
+    solid, dashed, captions, legend, title = _drawn(figure)
+    assert captions == ["a 0.30", "b 0.20", "a 0.10"] and not dashed
+    assert title == "no score >= 0.5: the 3 best shown" and legend[:2] == ["a", "b"]

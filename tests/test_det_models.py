@@ -219,7 +219,7 @@ def test_errors_name_the_file(tmp_path):
     torch.save(model.state_dict(), tmp_path / "plain.pth")
     with pytest.raises(CheckpointError, match="not the requested fasterrcnn_resnet50_fpn"):
         load_model(tmp_path / "payload.pt", name="fasterrcnn_resnet50_fpn")
-    with pytest.raises(CheckpointError, match=r"plain\.pth.*pass name="):
+    with pytest.raises(CheckpointError, match=r"plain\.pth.*--model NAME on the command line"):
         load_model(tmp_path / "plain.pth")
     with pytest.raises(CheckpointError, match=r"plain\.pth does not fit fasterrcnn_resnet50_fpn.*(missing|unexpected) keys"):
         load_model(tmp_path / "plain.pth", name="fasterrcnn_resnet50_fpn")

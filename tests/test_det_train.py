@@ -8,6 +8,7 @@ import torch
 import torchvision
 
 from afan.config import ConfigError, load_config
+from afan.rundir import MetricsLog
 from Detection import test as det_test
 from Detection import train as det_train
 from Detection.models.faster_rcnn import model_settings
@@ -46,8 +47,45 @@ def test_a_few_iterations_of_each_mode(tmp_path, tiny, mode, extra, capsys):
 
 
 def test_resume_equals_an_uninterrupted_run(tiny, check_resume):
-    settings = [*tiny, "mode=afan", "iterations=4", "checkpoint_every=2", "deterministic=true"]
+    # eval_every: the evaluation at iteration 2 comes before that checkpoint, in both runs.
+    settings = [*tiny, "mode=afan", "iterations=4", "checkpoint_every=2", "eval_every=2", "deterministic=true"]
     check_resume(det_train, settings)
+
+
+def test_evaluation_during_training_keeps_the_best_model_and_exports_coco_json(tmp_path, tiny, capsys):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from Detection.data import build_datasets
+    from Detection.evaluation import run_evaluation
+    from Detection.models import load_model
+
+    out = tmp_path / "run"
+    cfg = load_config(TrainConfig, overrides=[*tiny, "iterations=3", "eval_every=1", "optim.lr=0.05", f"out={out}"])
+    summary = det_train.run(cfg)
+    rows = MetricsLog(out / "metrics.csv").rows()
+    assert [r["iteration"] for r in rows] == [1, 2, 3]
+    assert all(0 <= r["val_AP"] <= 1 and 0 <= r["val_mAP"] <= 1 for r in rows)
+    assert "iteration 1/3:" in capsys.readouterr().out
+    # Shapes is COCO-format: the best model is the one with the highest COCO AP, and it is
+    # the model best.pth holds (scored again from the file).
+    best_row = max(rows, key=lambda r: r["val_AP"])
+    best = torch.load(out / "best.pth", weights_only=True)
+    assert best["AP"] == best_row["val_AP"] and best["iteration"] == rows.index(best_row) + 1
+    assert summary["best_AP"] == max(best_row["val_AP"], summary["AP"])
+    splits = build_datasets(cfg.data, seed=cfg.seed)
+    again = run_evaluation(load_model(out / "best.pth", num_classes=splits.num_classes), splits, "cpu", tmp_path / "x",
+                           draw=0, write=False)
+    assert again["AP"] == pytest.approx(best["AP"], abs=1e-12)
+    # detections.json is a COCO results file: pycocotools scores it to the summary's AP.
+    results = json.loads((out / "detections.json").read_text())
+    assert results and set(results[0]) == {"image_id", "category_id", "bbox", "score", "file_name"}
+    coco_gt = COCO(str(splits.eval_info.annotation_file))
+    evaluator = COCOeval(coco_gt, coco_gt.loadRes(results), iouType="bbox")
+    evaluator.evaluate(), evaluator.accumulate(), evaluator.summarize()
+    assert evaluator.stats[0] == pytest.approx(summary["AP"], abs=1e-12)
+    # The mAP curve is drawn beside the losses.
+    assert (out / "curves.png").is_file()
 
 
 def test_test_script_reproduces_the_training_evaluation(tmp_path, tiny, capsys):

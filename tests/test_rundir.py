@@ -146,6 +146,20 @@ def test_plot_writes_png(tmp_path):
     assert sorted(p.name for p in png.parent.iterdir()) == ["metrics.png"]
 
 
+def test_plot_ticks_whole_epochs_and_draws_a_constant_without_offset(tmp_path):
+    log = MetricsLog(tmp_path / "metrics.csv")
+    for epoch in range(1, 4):  # three epochs: matplotlib's default ticks would be 1.0, 1.5, ...
+        log.log(epoch=epoch, loss=1.0 / epoch, pert_linf=9.80401e-3 + epoch * 1e-13)
+    figure = log.figure()
+    figure.canvas.draw()
+    loss, linf = [ax for ax in figure.axes if ax.get_visible()]
+    ticks = [t for t in loss.get_xticks() if 1 <= t <= 3]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+    assert linf.yaxis.get_offset_text().get_text() == ""
+    low, high = linf.get_ylim()
+    assert low < 9.80401e-3 < high and high - low == pytest.approx(0.1 * 9.80401e-3)
+
+
 def test_plot_needs_the_x_column_and_numbers(tmp_path):
     log = MetricsLog(tmp_path / "metrics.csv")
     log.log(step=1, phase="train")

@@ -85,7 +85,7 @@ def _check_keys(path: Path, model: nn.Module, state: Mapping) -> None:
         raise CheckpointError(
             f"{path} does not fit {model.arch} with {model.num_classes} classes; "
             + "; ".join(problems)
-            + ". Is it a checkpoint of another architecture? Pass the right name="
+            + ". Is it a checkpoint of another architecture? Name the right one (--model NAME, or name= in Python)"
         )
 
 

@@ -54,7 +54,7 @@ def _check_keys(path: Path, model: nn.Module, state: Mapping) -> None:
             f"{path} does not fit {model.arch} with {model.num_classes} classes "
             f"({model.model_kwargs}); " + "; ".join(problems)
             + ". Is it a checkpoint of another architecture or built with other options? "
-            "Pass the right name= (and anchor_sizes=/norm=)"
+            "Name the right one (--model NAME, or name= in Python; and its anchor_sizes=/norm=)"
         )
 
 

@@ -86,7 +86,7 @@ def load_model(path, name: Optional[str] = None, num_classes: Optional[int] = No
     problems = key_mismatches(model.state_dict(), state, examples=_EXAMPLES)
     if problems:
         raise CheckpointError(f"{path} does not fit {name} with {model.num_classes} classes; "
-                              + "; ".join(problems) + ". Is it a checkpoint of another architecture? Pass the right name=")
+                              + "; ".join(problems) + ". Is it a checkpoint of another architecture? Name the right one (--model NAME, or name= in Python)")
     model.load_state_dict(state, strict=True)
     return model.eval()
 
