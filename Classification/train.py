@@ -13,6 +13,7 @@ validation. At the end the best model is scored on the test split and one line
 from __future__ import annotations
 
 import bisect
+import difflib
 import math
 import sys
 import time
@@ -55,12 +56,14 @@ def build_model(cfg: TrainConfig, num_classes: int, device) -> torch.nn.Module:
     except ValueError as error:  # an unknown name or weights tag
         raise ConfigError(f"model={cfg.model!r}: {error}") from None
     if cfg.mode == "afan" and cfg.afan.layer not in model.split_points:
+        points = model.split_points  # a library model's are all its module names: show the closest
+        shown = points if len(points) <= 12 else difflib.get_close_matches(cfg.afan.layer, points, n=5, cutoff=0)
         raise ConfigError(f"afan.layer={cfg.afan.layer!r} is not a split point of {cfg.model}; "
-                          f"valid: {', '.join(model.split_points)}")
+                          f"{'valid' if shown is points else 'closest'}: {', '.join(shown)}")
     if cfg.mode == "afan" and cfg.afan.aux_bn:
-        afan.convert_aux_bn(model, after=cfg.afan.layer)
+        afan.convert_aux_norm(model, after=model.module_name(cfg.afan.layer))
     elif cfg.mode == "advprop":
-        afan.convert_aux_bn(model)
+        afan.convert_aux_norm(model)
     model = model.to(device, memory_format=memory_format(cfg))
     compile_parts(model.parts_to_compile(), cfg.compile, device)
     return model

@@ -142,33 +142,17 @@ def afan_step(model, images: list[Tensor], targets: Targets, cfg: AfanConfig) ->
 
 def pixel_pgd(model, images: list[Tensor], targets: Targets, cfg: AdvPropConfig) -> list[Tensor]:
     """L-infinity PGD images in [0, 1] around ``images`` against the total detection loss
-    (radius and step in units of 1/255). Images may differ in size: the attack runs on
-    their concatenation, which the element-wise L-infinity steps treat exactly as on each."""
-    shapes = [image.shape for image in images]
-    sizes = [image.numel() for image in images]
-
-    def unflatten(flat):
-        return [part.view(shape) for part, shape in zip(flat.split(sizes), shapes)]
-
-    def loss_fn(flat):
-        return _total(forward_losses(model, unflatten(flat), targets))
-
-    flat = torch.cat([image.detach().flatten() for image in images])
-    adv = afan.feature_pgd(flat, loss_fn, steps=cfg.steps, step_size=cfg.step_size / 255, eps=cfg.eps / 255,
-                           random_start=cfg.random_start, project=True, bounds=(0.0, 1.0))
-    return unflatten(adv)
+    (radius and step in units of 1/255; images may differ in size, see ``afan.pixel_pgd``)."""
+    return afan.pixel_pgd(images, lambda adv: _total(forward_losses(model, adv, targets)), steps=cfg.steps,
+                          step_size=cfg.step_size / 255, eps=cfg.eps / 255, random_start=cfg.random_start)
 
 
 def advprop_step(model, images: list[Tensor], targets: Targets, cfg: AdvPropConfig) -> StepResult:
-    """AdvProp (DESIGN.md item 7): ``(L_clean + L_adv) / 2`` with pixel PGD; the attack and
-    the adversarial pass use the auxiliary BN, so the model must have been converted with
+    """AdvProp (:class:`afan.AdvProp`): ``(L_clean + L_adv) / 2`` with pixel PGD; the attack
+    and the adversarial pass use the auxiliary BN, so the model must have been converted with
     ``afan.convert_aux_bn`` (needs ``norm="bn"``). ``losses``: the clean pass's four
     losses, ``loss_clean`` and ``loss_adv``."""
-    clean = forward_losses(model, images, targets)
-    with afan.frozen_bn_stats(model), afan.use_aux_bn(model):
-        adv_images = pixel_pgd(model, images, targets, cfg)
-    with afan.use_aux_bn(model):
-        loss_adv = _total(forward_losses(model, adv_images, targets))
-    loss_clean = _total(clean)
-    terms = {"loss_clean": loss_clean, "loss_adv": loss_adv}
-    return StepResult((loss_clean + loss_adv) / 2, {**_detached(clean), **_detached(terms)})
+    objective = afan.AdvProp(model, steps=cfg.steps, step_size=cfg.step_size / 255, eps=cfg.eps / 255,
+                             random_start=cfg.random_start, forward=forward_losses)
+    result = objective.step(images, targets, lambda losses, _: _total(losses))
+    return StepResult(result.loss, {**_detached(result.output), **result.losses})

@@ -43,7 +43,7 @@ def base_step(model, images: Tensor, masks: Tensor) -> StepResult:
 
 
 def afan_step(model, images: Tensor, masks: Tensor, cfg: AfanConfig) -> StepResult:
-    """A-FAN for DeepLabv3+ (DESIGN.md items 1-6), the release's loss:
+    """A-FAN for DeepLabv3+ (docs/method.md items 1-6), the release's loss:
 
     ``(1 - w) L_0 + w / k * (L_1 + ... + L_n + L_sd)``
 
@@ -116,20 +116,15 @@ def afan_step(model, images: Tensor, masks: Tensor, cfg: AfanConfig) -> StepResu
 
 def pixel_pgd(model, images: Tensor, masks: Tensor, cfg: AdvPropConfig) -> Tensor:
     """An L-infinity PGD image batch in [0, 1] around ``images`` (radius and step in 1/255)."""
-    return afan.feature_pgd(images, lambda x: segmentation_loss(model(x), masks), steps=cfg.steps,
-                            step_size=cfg.step_size / 255, eps=cfg.eps / 255, random_start=cfg.random_start,
-                            project=True, bounds=(0.0, 1.0))
+    return afan.pixel_pgd(images, lambda x: segmentation_loss(model(x), masks), steps=cfg.steps,
+                          step_size=cfg.step_size / 255, eps=cfg.eps / 255, random_start=cfg.random_start)
 
 
 def advprop_step(model, images: Tensor, masks: Tensor, cfg: AdvPropConfig) -> StepResult:
-    """AdvProp (DESIGN.md item 7): ``(L_clean + L_adv) / 2`` with pixel PGD; the attack and the
-    adversarial pass use the auxiliary BN (convert the model with ``afan.convert_aux_bn``); the
-    attack leaves BN running statistics alone (AdvProp is not part of the release)."""
-    with afan.frozen_bn_stats(model), afan.use_aux_bn(model):
-        adv_images = pixel_pgd(model, images, masks, cfg)
-    logits = model(images)
-    with afan.use_aux_bn(model):
-        loss_adv = segmentation_loss(model(adv_images), masks)
-    loss_clean = segmentation_loss(logits, masks)
-    losses = {"loss_clean": loss_clean.detach(), "loss_adv": loss_adv.detach()}
-    return StepResult((loss_clean + loss_adv) / 2, logits, losses, adv_images - images)
+    """AdvProp (:class:`afan.AdvProp`): ``(L_clean + L_adv) / 2`` with pixel PGD; the attack and
+    the adversarial pass use the auxiliary BN (convert the model with ``afan.convert_aux_bn``);
+    the attack leaves BN running statistics alone (AdvProp is not part of the release)."""
+    objective = afan.AdvProp(model, steps=cfg.steps, step_size=cfg.step_size / 255, eps=cfg.eps / 255,
+                             random_start=cfg.random_start)
+    result = objective.step(images, masks, segmentation_loss)
+    return StepResult(result.loss, result.output, result.losses, result.perturbation)

@@ -15,7 +15,9 @@ The method in five calls::
 from .input_norm import Normalize
 from .norm import (
     AuxBatchNorm2d,
+    AuxNorm,
     convert_aux_bn,
+    convert_aux_norm,
     frozen_bn_stats,
     mix_by_mask,
     mix_statistics,
@@ -24,16 +26,22 @@ from .norm import (
     strip_aux_state_dict,
     use_aux_bn,
 )
+from .objectives import AFAN, AdvProp, pixel_pgd
 from .passes import backward_each, loss_scale
 from .perturb import feature_pgd, interpolate, strength
+from .split import split
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AFAN",
+    "AdvProp",
     "AuxBatchNorm2d",
+    "AuxNorm",
     "Normalize",
     "backward_each",
     "convert_aux_bn",
+    "convert_aux_norm",
     "feature_pgd",
     "frozen_bn_stats",
     "interpolate",
@@ -41,6 +49,8 @@ __all__ = [
     "mix_by_mask",
     "mix_statistics",
     "mixed_strength",
+    "pixel_pgd",
+    "split",
     "strip_aux_bn",
     "strip_aux_state_dict",
     "strength",

@@ -1,4 +1,4 @@
-"""Feature-level PGD and multi-strength interpolation (DESIGN.md items 1, 2 and 4).
+"""Feature-level PGD and multi-strength interpolation (docs/method.md items 1, 2 and 4).
 
 The attack runs on an intermediate feature ``h = head(x)`` instead of the image: the
 caller passes ``loss_fn(h_adv) -> scalar``, usually ``task_loss(tail(h_adv))``, and

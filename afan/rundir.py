@@ -36,6 +36,8 @@ class RunDir:
     def __init__(self, path, *, resume: bool = False, overwrite: bool = False):
         if resume and overwrite:
             raise ConfigError("--resume and --overwrite contradict each other; pass only one")
+        if not str(path).strip():  # Path("") is the working folder: never a run folder by accident
+            raise ConfigError("out= is empty; name the run folder, e.g. out=runs/my_run")
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
             raise FileExistsError(f"{self.path} is a file, not a run folder; choose another output folder")

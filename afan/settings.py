@@ -76,7 +76,7 @@ class ReleaseSwitches:
 
 @dataclass
 class AdvPropConfig:
-    """Pixel-level PGD with auxiliary BN everywhere (DESIGN.md item 7); units of 1/255."""
+    """Pixel-level PGD with auxiliary BN everywhere (docs/method.md item 7); units of 1/255."""
 
     steps: int = 1
     step_size: float = 1.0

@@ -104,7 +104,29 @@ CASES = [
     ("sync_bn without torchrun", lambda r, t: ["--resume", f"out={r}", "sync_bn=true"],
      ["sync_bn=true", "start it with torchrun, or set sync_bn=false"]),
     ("--resume with --overwrite", lambda r, t: ["--resume", "--overwrite", f"out={r}"], ["contradict"]),
+    # Beyond the cases users reported:
+    ("a config file that is not there", lambda r, t: ["--config", str(t / "nope.yaml"), f"out={t / 'new'}"],
+     ["nope.yaml"]),
+    ("a config file that is not YAML", lambda r, t: ["--config", str(_write(t / "bad.yaml", "epochs: [1,\n")),
+                                                     f"out={t / 'new'}"], ["bad.yaml"]),
+    ("a config file that is a list", lambda r, t: ["--config", str(_write(t / "list.yaml", "- 1\n- 2\n")),
+                                                   f"out={t / 'new'}"], ["list.yaml", "mapping"]),
+    ("an override without a value", lambda r, t: ["--resume", f"out={r}", "epochs"], ["epochs", "KEY=VALUE"]),
+    ("a setting given a section", lambda r, t: ["--resume", f"out={r}", "afan=3"], ["afan"]),
+    ("zero batch size", lambda r, t: ["--resume", f"out={r}", "batch_size=0"], ["batch_size"]),
+    ("negative worker count", lambda r, t: ["--resume", f"out={r}", "data.workers=-1"], ["data.workers"]),
+    ("unknown precision", lambda r, t: ["--resume", f"out={r}", "precision=fp8"], ["precision", "bf16"]),
+    ("unknown mode", lambda r, t: ["--resume", f"out={r}", "mode=fgsm"], ["mode", "afan"]),
+    ("mask of other characters", lambda r, t: ["--resume", f"out={r}", "afan.n=2", "afan.mask=0x"], ["afan.mask"]),
+    ("an empty run folder name", lambda r, t: [*TINY, "out="], ["out= is empty", "out=runs/my_run"]),
+    ("a run folder that is a file", lambda r, t: [*TINY, f"out={_write(t / 'file', 'x')}"], ["file"]),
+    ("--resume of a folder with no run", lambda r, t: ["--resume", f"out={t / 'nothing'}"], ["nothing"]),
 ]
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
 
 
 @pytest.mark.parametrize("make_args, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
@@ -247,7 +269,9 @@ def test_a_malformed_annotation_file_is_named(tmp_path, capsys):
 
 def test_detection_settings_out_of_range(tmp_path, capsys):
     for setting, text in [("afan.se_layer=layer7", "afan.se_layer"), ("afan.n=2", "afan.mask"),
-                          ("afan.gamma_sd=-1", "afan.gamma_sd must be >= 0")]:
+                          ("afan.gamma_sd=-1", "afan.gamma_sd must be >= 0"), ("eval_every=-1", "eval_every must be >= 0"),
+                          (f"model.backbone_weights={tmp_path / 'none.pth'}", "none.pth"),
+                          ("model.name=fasterrcnn_resnet34_fpn", "fasterrcnn_resnet50_c4")]:
         assert det_train.main(["--config", "Detection/configs/shapes_afan.yaml", setting,
                                f"out={tmp_path / 'run'}"]) == 2
         assert text in capsys.readouterr().err

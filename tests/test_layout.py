@@ -38,3 +38,21 @@ def test_the_task_packages_run_from_any_folder(tmp_path):
         done = subprocess.run([sys.executable, "-m", module, "--help"], cwd=tmp_path, env=env, capture_output=True,
                               text=True, timeout=120)
         assert done.returncode == 0 and "usage:" in done.stdout, (module, done.stderr)
+
+
+def test_docs_cited_by_the_code_are_in_the_repository():
+    """Docstrings cite ``docs/method.md items N``; every such item exists there, and nothing
+    points to a document outside the repository."""
+    import re
+
+    method = (ROOT / "docs" / "method.md").read_text(encoding="utf-8")
+    items = {int(n) for n in re.findall(r"^(\d+)\. \*\*", method, flags=re.M)}
+    assert items == set(range(1, 8))
+    for path in [*ROOT.glob("*/*.py"), *ROOT.glob("*/*/*.py"), *ROOT.glob("**/README.md")]:
+        if ".venv" in path.parts or path == Path(__file__):
+            continue
+        text = path.read_text(encoding="utf-8")
+        assert "DESIGN.md" not in text, path
+        for cited in re.findall(r"method\.md items? ([\d ,and-]+)", text):
+            numbers = {int(n) for n in re.findall(r"\d+", cited)}
+            assert numbers <= items, (path, cited)

@@ -175,3 +175,29 @@ def test_top_level_readme(checkout):
     results = dict(run_readme("README.md", checkout))
     assert "classification" in results["python -m bench --tiny"].stdout
     assert (checkout / "runs/torchrun_shapes/best.pth").is_file()
+
+
+def test_readme_python_snippets_run_in_order(tmp_path, monkeypatch):
+    """The ```python blocks of the READMEs, run in order in one namespace, as a reader would
+    paste them, and what they build checked. The file the segmentation snippet loads is a
+    DeepLabV3Plus-Pytorch checkpoint (``{"model_state": ...}``) of random weights."""
+    import torch
+    from Segmentation.models import create_model
+
+    monkeypatch.chdir(tmp_path)
+    torch.save({"model_state": create_model("deeplabv3plus_resnet50", num_classes=21, output_stride=16).state_dict()},
+               "best_deeplabv3plus_resnet50_voc_os16.pth")
+    namespaces = {readme: {} for readme in COMMANDS}  # one per README: each reads on its own
+    for readme, namespace in namespaces.items():
+        text = (ROOT / readme).read_text(encoding="utf-8")
+        for block in re.findall(r"```python\n(.*?)```", text, flags=re.S):
+            exec(compile(block, readme, "exec"), namespace)
+    import afan
+
+    assert not namespaces["Segmentation/README.md"]["model"].training
+    namespace = namespaces["README.md"]
+
+    assert torch.isfinite(namespace["loss"]) and namespace["loss"].requires_grad
+    assert not any(isinstance(m, afan.AuxBatchNorm2d) for m in namespace["deployable"].modules())
+    assert namespace["deployable"].state_dict().keys() == namespace["model"].state_dict().keys()
+    assert torch.equal(namespace["tail"](namespace["head"](namespace["x"])), namespace["model"](namespace["x"]))

@@ -20,6 +20,7 @@ from afan.checkpoint import (CheckpointError, key_mismatches, load_checkpoint, r
                              resolve_num_classes)
 
 from .efficientnet import ARCHS as EFFICIENTNETS
+from .library import is_library_name
 from .registry import MODEL_NAMES, create_model, model_class
 from .release import convert_release_state_dict, is_release_state_dict
 
@@ -102,9 +103,15 @@ def load_model(path, name: Optional[str] = None, num_classes: Optional[int] = No
     state, arch, declared, norm = _unpack(path, load_checkpoint(path))
     state = strip_aux_state_dict(state)
     name = resolve_architecture(path, name, arch, model_class, MODEL_NAMES)
-    num_classes = resolve_num_classes(path, num_classes, declared, state.get(model_class(name).classifier_key))
+    key = model_class(name).classifier_key
+    # A library model's classifier has no fixed key: it is the last matrix of the state dict.
+    classifier = state.get(key) if key else next((v for k, v in reversed(state.items())
+                                                  if k.endswith(".weight") and v.dim() == 2), None)
+    num_classes = resolve_num_classes(path, num_classes, declared, classifier)
     # Without a classifier weight the class count is unknown; any count will do, as the
     # key check then fails on the missing classifier anyway.
+    if is_library_name(name) and not any(key.startswith("net.") for key in state):
+        state = {f"net.{key}": value for key, value in state.items()}  # torchvision's or timm's own state dict
     model = create_model(name, num_classes or 1, **norm)
     _check_keys(path, model, state)
     model.load_state_dict(state, strict=True)

@@ -8,7 +8,7 @@ from torch import nn
 
 from afan.input_norm import IMAGENET_MEAN, IMAGENET_STD
 
-from . import cifar_resnet, efficientnet, small_cnn, torchvision_resnet
+from . import cifar_resnet, efficientnet, library, small_cnn, torchvision_resnet
 
 _CLASSES = {
     **{name: cifar_resnet.CifarResNet for name in cifar_resnet.ARCHS},
@@ -29,11 +29,14 @@ def model_class(name: str) -> type:
         return _CLASSES[name]
     if efficientnet.is_efficientnet(str(name)):  # with a weights tag, checked when building
         return efficientnet.TimmEfficientNet
+    if library.is_library_name(name):  # tv:NAME / timm:NAME, checked when building
+        return library.LibraryClassifier
     close = difflib.get_close_matches(str(name), MODEL_NAMES, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     if str(name).startswith("tf_efficientnet"):
         hint += " A weights tag follows a dot, e.g. 'tf_efficientnet_b0.ap_in1k' (AdvProp)."
-    raise ValueError(f"unknown model {name!r}.{hint} Valid names: {', '.join(MODEL_NAMES)}")
+    raise ValueError(f"unknown model {name!r}.{hint} Valid names: {', '.join(MODEL_NAMES)}, or any torchvision "
+                     "or timm classifier as tv:NAME / timm:NAME (e.g. tv:resnet50, timm:convnext_atto)")
 
 
 def create_model(name: str, num_classes: int, input_norm: str = "auto", **kw) -> nn.Module:

@@ -26,6 +26,10 @@ class SplitModel:
     def stages(self) -> list[Stage]:
         raise NotImplementedError
 
+    def module_name(self, at: str) -> str:
+        """The submodule that split point ``at`` names (itself, for these models)."""
+        return at
+
     def _cut(self, at: str) -> int:
         """Number of stages the head runs for split point ``at``."""
         if at not in self.split_points:
