@@ -1,6 +1,7 @@
 # `make demo`: set everything up, train a baseline and an A-FAN small CNN on the built-in
 # Shapes data, print the comparison and write runs/compare/base_vs_afan.png.
-# `make test`: set everything up and run the test suite.
+# `make test`: set everything up, run ruff and the test suite (`pytest -m "not slow"` is the
+# quick tier for development, `pytest -m cuda` the GPU tests).
 # TORCH pins the versions the project is tested with; override it for another platform,
 # e.g. `make test TORCH="torch torchvision"`.
 PYTHON ?= python3
@@ -13,13 +14,14 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install $(TORCH) -r requirements.txt "pytest>=7"
+	$(BIN)/python -m pip install $(TORCH) -r requirements.txt "pytest>=7" "pytest-timeout>=2" "ruff>=0.5"
 	$(BIN)/python -m pip install --no-deps -e .
 	touch $(STAMP)
 
 setup: $(STAMP)
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)

@@ -134,15 +134,15 @@ def voc_eval(
         npos = sum(int(np.sum((labels == label) & ~difficult)) for _, labels, difficult in gt.values())
         # All detections of this class: (score, image_id, box), in input order for ties.
         ids, boxes, scores = [], [], []
-        for image_id, (b, l, s) in dets.items():
-            keep = l == label
+        for image_id, (b, found, s) in dets.items():
+            keep = found == label
             ids.extend([image_id] * int(keep.sum()))
             boxes.append(b[keep])
             scores.append(s[keep])
         boxes = np.concatenate(boxes) if boxes else np.zeros((0, 4))
         scores = np.concatenate(scores) if scores else np.zeros(0)
         order = np.argsort(-scores, kind="stable")
-        matched = {image_id: np.zeros(int(np.sum(l == label)), bool) for image_id, (_, l, _) in gt.items()}
+        matched = {image_id: np.zeros(int(np.sum(g_labels == label)), bool) for image_id, (_, g_labels, _) in gt.items()}
         tp = np.zeros(len(order))
         fp = np.zeros(len(order))
         for rank, index in enumerate(order):
@@ -295,9 +295,13 @@ def detection_figure(image, boxes, labels, scores, class_names: Sequence[str], *
     height, width = image.shape[:2]
 
     scale = max(1.0, 256 / max(width, height, 1))  # small images are enlarged so captions stay legible
-    legend_px = 60
+    drawn = sorted({int(label) for label in labels[shown]} | {int(label) for label in truth[1]})
+    width_px = max(width * scale, 256)
+    columns = max(1, int(width_px // 120))  # legend entries per row that fit the picture's width
+    rows = math.ceil((len(drawn) + 2) / columns)
+    legend_px = 14 * rows + (14 if note else 0) + 8
     total_px = height * scale + legend_px
-    figure = Figure(figsize=(max(width * scale, 256) / 100, total_px / 100), dpi=100)
+    figure = Figure(figsize=(width_px / 100, total_px / 100), dpi=100)
     FigureCanvasAgg(figure)
     axes = figure.add_axes([0, legend_px / total_px, 1, height * scale / total_px])
     # extent: pixel j covers [j, j + 1), the boxes' convention (imshow centres pixels on j).
@@ -318,12 +322,11 @@ def detection_figure(image, boxes, labels, scores, class_names: Sequence[str], *
                   bbox=dict(facecolor=colour_of(label), edgecolor="none", pad=1, alpha=0.8))
     axes.set_xlim(0, width)
     axes.set_ylim(height, 0)
-    drawn = sorted({int(l) for l in labels[shown]} | {int(l) for l in truth[1]})
     handles = [Patch(color=colour_of(label), label=name_of(label)) for label in drawn]
     handles += [Line2D([], [], color="black", linestyle="-", label="prediction"),
                 Line2D([], [], color="black", linestyle="--", label="ground truth")]
-    figure.legend(handles=handles, loc="lower center", ncols=min(len(handles), 4), fontsize=7, frameon=False,
-                  title=note, title_fontsize=7)
+    figure.legend(handles=handles, loc="lower center", ncols=columns, fontsize=7, frameon=False, title=note,
+                  title_fontsize=7, borderaxespad=0.2, handlelength=1.5, columnspacing=1.0)
     return figure
 
 

@@ -180,6 +180,7 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
                 scores = {}
                 if eval_now:
                     scores = run_evaluation(model, splits, device, run_dir.path, draw=0, write=False)
+                    window.restart_clock()  # seconds per iteration count training only
                     if scores[best_key] > best:
                         best = scores[best_key]
                         save_checkpoint({**checkpoint_payload(afan.strip_aux_bn(model)), "iteration": done, **scores},

@@ -154,6 +154,7 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
                 scores = {}
                 if eval_now:
                     scores = run_evaluation(model, splits, device, run_dir.path, quiet_eval, workers=cfg.data.workers)
+                    window.restart_clock()  # seconds per iteration count training only
                     if scores["miou"] > best:
                         best = scores["miou"]
                         save_checkpoint({**checkpoint_payload(afan.strip_aux_bn(model)), "iteration": done, **scores},

@@ -430,6 +430,14 @@ def _nothing_to_convert(model: nn.Module, kinds: tuple[type, ...], caller: str, 
     return f"{message}; it normalises with {layers}: {hint}"
 
 
+def registered_after(model: nn.Module, after: str) -> list[str]:
+    """Names of the modules registered after the module ``after`` (not inside it): those the
+    output of ``after`` reaches in torchvision/timm backbones and sequential models."""
+    names = [name for name, _ in model.named_modules()]
+    position = names.index(after)
+    return [name for name in names[position + 1:] if not name.startswith(after + ".")]
+
+
 def _convert(model: nn.Module, after: Optional[str], num_aux: int, example_input,
              kinds: tuple[type, ...], caller: str, hint: str) -> nn.Module:
     _check_num_aux(num_aux, caller)
@@ -457,11 +465,13 @@ def _convert(model: nn.Module, after: Optional[str], num_aux: int, example_input
             reached = _reached_by(model, after, example_input, kinds, caller)
             candidates = [name for name in candidates if name in reached]
         else:
-            position = names.index(after)
-            candidates = [name for name in candidates
-                          if names.index(name) > position and not name.startswith(after + ".")]
-    # A model with layers but none after `after` converts nothing: a split point past its
-    # last norm layer (a ResNet's layer4) is legitimate.
+            later = set(registered_after(model, after))
+            candidates = [name for name in candidates if name in later]
+    if after is not None and not candidates and not converted:
+        # The adversarial passes would find no auxiliary layer to use (use_aux_bn refuses).
+        raise ValueError(f"{caller}: no {' or '.join(k.__name__ for k in kinds)} layer runs after {after!r}, so "
+                         "adversarial passes there have no auxiliary layer to use; split earlier, or leave "
+                         "auxiliary norms off")
     layers = [model.get_submodule(name) for name in candidates]
     for layer in layers:  # every check before the first change: no half-converted model
         if isinstance(layer, nn.BatchNorm2d):

@@ -320,6 +320,10 @@ class LogWindow:
             self.sums[key] = self.sums.get(key, 0.0) + value
         self.count += 1
 
+    def restart_clock(self) -> None:
+        """Leave out of ``sec_per_iter`` the time since the window opened (an evaluation)."""
+        self.tic = time.perf_counter()
+
     def close(self, process, device) -> dict:
         totals = distributed.sum_over_processes(list(self.sums.values()), device)
         means = {k: v / (self.count * process.world_size) for k, v in zip(self.sums, totals)}

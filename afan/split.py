@@ -43,7 +43,6 @@ import sys
 import warnings
 from typing import Any, Callable, Iterable
 
-import torch
 from torch import fx, nn
 
 __all__ = ["split", "SplitTraceError"]

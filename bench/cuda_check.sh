@@ -15,7 +15,7 @@ $python -c "import torch, torchvision; print('torch', torch.__version__, 'torchv
 
 # Every test that runs on CUDA: the [cuda] cases of the device-parametrised tests,
 # tests/test_cuda.py (CPU against CUDA) and the one-GPU torchrun run (NCCL, SyncBatchNorm).
-timeout 240 $python -m pytest -q -p no:cacheprovider -k cuda tests/ 2>&1 | tee "$out/tests.log"
+timeout 240 $python -m pytest -q -p no:cacheprovider -m cuda tests/ 2>&1 | tee "$out/tests.log"
 
 # The released model sizes (batch per GPU as released, or what one GPU holds).
 declare -A sizes=(

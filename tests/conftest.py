@@ -7,8 +7,18 @@ from torch import nn
 from afan.checkpoint import load_checkpoint
 
 # Tests that take the ``device`` fixture run on the CPU and, where a GPU is present, on CUDA
-# too (`pytest -k cuda` runs only the CUDA ones).
+# too; `pytest -m cuda` runs only the CUDA ones.
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+def pytest_collection_modifyitems(items):
+    """Mark ``cuda`` every test that asks for the GPU (the ``cuda`` fixture, or the ``device``
+    fixture's CUDA case), by what it uses rather than by its name."""
+    for item in items:
+        params = getattr(item, "callspec", None)
+        on_cuda = "cuda" in item.fixturenames or (params is not None and params.params.get("device") == "cuda")
+        if on_cuda:
+            item.add_marker(pytest.mark.cuda)
 
 
 @pytest.fixture

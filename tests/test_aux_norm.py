@@ -2,7 +2,6 @@
 failures of conversions that find nothing and of 3-D features in ``mix_statistics``."""
 import copy
 import pickle
-from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -282,11 +281,13 @@ def test_a_model_without_the_layers_is_a_value_error():
         afan.convert_aux_norm(token_model(), kinds=(nn.ReLU,))
 
 
-def test_converting_again_or_past_the_last_layer_is_not_an_error():
+def test_converting_again_is_not_an_error_but_past_the_last_layer_is():
     model = afan.convert_aux_norm(token_model())
     keys = list(model.state_dict())
     assert list(afan.convert_aux_norm(model).state_dict()) == keys
-    fresh = afan.convert_aux_norm(token_model(), after="2")  # a split point after the last norm
+    fresh = token_model()
+    with pytest.raises(ValueError, match="no BatchNorm2d or LayerNorm or GroupNorm layer runs after '2'"):
+        afan.convert_aux_norm(fresh, after="2")  # a split point after the last norm
     assert not _norm_names(fresh)
 
 

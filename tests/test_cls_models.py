@@ -208,9 +208,13 @@ def test_convert_aux_bn_after_split_point_converts_exactly_the_tail(name):
         head_bns = bn_names_run(m, lambda: h.setdefault("h", m.head(x, at)))
         tail_bns = bn_names_run(m, lambda: m.tail(h["h"], at))
         assert head_bns and not head_bns & tail_bns
+        if not tail_bns:  # after the last stage of the ResNets: nothing to convert, and it says so
+            with pytest.raises(ValueError, match=f"no BatchNorm2d layer runs after '{at}'"):
+                afan.convert_aux_bn(m, after=at)
+            continue
         afan.convert_aux_bn(m, after=at)
         converted = {n for n, mod in m.named_modules() if isinstance(mod, afan.AuxBatchNorm2d)}
-        assert converted == tail_bns, at  # empty after the last stage of the ResNets
+        assert converted == tail_bns, at
 
 
 @pytest.mark.parametrize("name", FAMILIES)

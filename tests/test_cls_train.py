@@ -37,9 +37,9 @@ def test_one_short_epoch_of_each_mode(tmp_path, mode, capsys):
     for name in ("config.yaml", "metrics.csv", "curves.png", "last.pth", "best.pth", "summary.json"):
         assert (out / name).is_file(), name
     printed = capsys.readouterr().out.splitlines()
-    line = [l for l in printed if l.startswith("SUMMARY ")][-1]
+    line = [text for text in printed if text.startswith("SUMMARY ")][-1]
     assert json.loads(line[len("SUMMARY "):]) == json.loads((out / "summary.json").read_text()) == summary
-    epoch_line = [l for l in printed if l.startswith("epoch 0: ")]
+    epoch_line = [text for text in printed if text.startswith("epoch 0: ")]
     assert epoch_line and "train_loss" in epoch_line[0] and epoch_line[0].endswith("ETA 0m00s")
     assert 0 <= summary["test_acc"] <= 1 and summary["mode"] == mode
     row = afan.rundir.MetricsLog(out / "metrics.csv").rows()[0]

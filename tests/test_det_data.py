@@ -48,7 +48,7 @@ def test_shapes_written_as_coco_read_back_like_render_sample(tmp_path):
         assert torch.equal(target["boxes"], torch.from_numpy(sample.boxes))
         # Category ids 1..6 follow SHAPE_CLASSES, so the contiguous labels are the classes + 1.
         assert torch.equal(target["labels"], torch.from_numpy(sample.labels) + 1)
-        assert [data.label_to_category[int(l)] for l in target["labels"]] == (sample.labels + 1).tolist()
+        assert [data.label_to_category[int(label)] for label in target["labels"]] == (sample.labels + 1).tolist()
         assert target["image_id"] == index + 1
 
 

@@ -36,6 +36,8 @@ from Segmentation.config import TrainConfig as SegConfig
 from Segmentation.data import build_datasets as seg_datasets
 from Segmentation.data import collate as seg_collate
 
+pytestmark = pytest.mark.slow  # training processes: the quick tier leaves them out
+
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ["data.name=shapes", "data.train_size=24", "data.val_size=4", "data.test_size=4", "data.workers=0",
             "data.augment=false", "model=resnet20", "batch_size=8", "epochs=1", "device=cpu", "deterministic=true",
@@ -214,6 +216,7 @@ def test_one_process_under_torchrun_trains_as_a_plain_run(tmp_path):
         assert torch.equal(ddp[key], value), key
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_torchrun_on_cuda_trains_with_nccl_and_sync_bn(tmp_path):
     """The README's torchrun command on one GPU: NCCL, DDP and SyncBatchNorm, then evaluation."""

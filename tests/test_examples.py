@@ -4,7 +4,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
+
+pytestmark = pytest.mark.slow  # training processes: the quick tier leaves them out
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_timm_afan.py"
 

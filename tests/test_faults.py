@@ -16,6 +16,8 @@ from afan.rundir import MetricsLog
 from Classification import train as cls_train
 from Segmentation import train as seg_train
 
+pytestmark = pytest.mark.slow  # training processes: the quick tier leaves them out
+
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER = ROOT / "tests" / "fault_runner.py"
 MODULES = {"classification": "Classification.train", "segmentation": "Segmentation.train"}

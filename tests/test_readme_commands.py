@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # training processes: the quick tier leaves them out
+
 ROOT = Path(__file__).resolve().parents[1]
 
 CLS_TINY = "epochs=1 data.train_size=64 data.val_size=32 data.test_size=32 batch_size=32 afan.steps=1"
@@ -137,7 +139,7 @@ def run_readme(readme: str, checkout: Path):
                 assert done.returncode == 0, where
             else:
                 assert done.returncode == 2, where
-                errors = [l for l in done.stderr.splitlines() if l.startswith("error:")]
+                errors = [text for text in done.stderr.splitlines() if text.startswith("error:")]
                 assert len(errors) == 1, where
             yield command, done
 

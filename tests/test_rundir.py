@@ -216,3 +216,21 @@ def test_log_window_means_over_its_steps_then_starts_again():
     assert means["loss"] == pytest.approx(2.0) and means["acc"] == pytest.approx(0.75) and means["sec_per_iter"] >= 0
     window.add({"loss": 5.0})
     assert window.close(Process(), torch.device("cpu"))["loss"] == pytest.approx(5.0)
+
+
+def test_log_window_leaves_an_evaluation_out_of_the_seconds_per_step(monkeypatch):
+    import afan.rundir
+    from afan.distributed import Process
+
+    # open; close after 2 steps (and the next window opens); the evaluation ends; close after 2 more
+    clock = iter([0.0, 10.0, 10.0, 70.0, 80.0, 80.0])
+    monkeypatch.setattr(afan.rundir.time, "perf_counter", lambda: next(clock))
+    window = afan.rundir.LogWindow()
+    single = Process(rank=0, world_size=1, local_rank=0)
+    for _ in range(2):
+        window.add({"loss": 1.0})
+    assert window.close(single, "cpu")["sec_per_iter"] == 5.0
+    window.restart_clock()  # the 60 s of evaluation
+    for _ in range(2):
+        window.add({"loss": 3.0})
+    assert window.close(single, "cpu") == {"loss": 3.0, "sec_per_iter": 5.0}

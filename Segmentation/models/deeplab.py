@@ -219,7 +219,9 @@ class DeepLabV3Plus(nn.Module):
         perturb: the backbone blocks after ``at``, the ASPP and the decoder's convolutions.
         The low-level projection keeps plain BN: every pass gives it the clean feature."""
         self._check_split(at)
-        afan.convert_aux_bn(self.backbone, after=self._split[at])
+        later = afan.norm.registered_after(self.backbone, self._split[at])
+        if any(isinstance(self.backbone.get_submodule(name), nn.BatchNorm2d) for name in later):  # none after layer4
+            afan.convert_aux_bn(self.backbone, after=self._split[at])
         afan.convert_aux_bn(self.classifier.aspp)
         afan.convert_aux_bn(self.classifier.classifier)
 
