@@ -95,7 +95,7 @@ def afan_step(model, images: list[Tensor], targets: Targets, cfg: AfanConfig) ->
     image_list, targets = prepare(model, images, targets)
     at = cfg.se_layer
     feats = head(model, image_list.tensors, at)  # clean features, reused by every pass below
-    clean, state = tail(model, feats, at, image_list, targets, return_state=True)
+    clean, roi = tail(model, feats, at, image_list, targets, return_roi=True)
     terms = {"loss_0": _total(clean)}
 
     # SE: attack, strengths, adversarial feature normalization, one tail pass each, each
@@ -123,7 +123,7 @@ def afan_step(model, images: list[Tensor], targets: Targets, cfg: AfanConfig) ->
 
     sd_perturbation = None
     if cfg.sd:
-        roi, clean_box = state.roi, state.roi.box_features.detach()
+        clean_box = roi.box_features.detach()
         rpn_losses = clean["loss_objectness"] + clean["loss_rpn_box_reg"]
         box_adv = sd_attack(model, roi, rpn_losses, cfg)
         sd_perturbation = box_adv - clean_box

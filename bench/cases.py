@@ -146,7 +146,7 @@ def detection(mode: str, device, overrides=()) -> Case:
         image_list, prepared = prepare(model, images, targets)
         feats = {k: v.detach() for k, v in head(model, image_list.tensors, at).items()}
         with torch.no_grad():
-            roi = tail(model, feats, at, image_list, prepared, return_state=True)[1].roi
+            roi = tail(model, feats, at, image_list, prepared, return_roi=True)[1]
 
         def se_loss(feature):
             return sum(tail(model, {**feats, at: feature}, at, image_list, prepared).values())

@@ -79,12 +79,11 @@ def release_step(model, images, targets, cfg: AfanConfig):
     at = cfg.se_layer
 
     def full_tail(feature):
-        return tail(model, {at: feature}, at, image_list, targets, return_state=True)
+        return tail(model, {at: feature}, at, image_list, targets, return_roi=True)
 
     feature_map_se = head(model, image_list.tensors, at)[at].detach()
-    sd_losses, sd_state = full_tail(head(model, image_list.tensors, at)[at])
+    sd_losses, roi = full_tail(head(model, image_list.tensors, at)[at])
     sd_rpn = sd_losses["loss_objectness"] + sd_losses["loss_rpn_box_reg"]
-    roi = sd_state.roi
     clean_feature_map_sd = roi.box_features.detach()
 
     x_adv = feature_map_se.clone().requires_grad_(True)

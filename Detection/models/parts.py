@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -23,7 +22,6 @@ import torch.nn.functional as F
 from torchvision.models.detection.image_list import ImageList
 
 Targets = list[dict[str, Tensor]]
-RoiFeatureFn = Callable[[Tensor], Tensor]
 
 
 @dataclass
@@ -38,15 +36,6 @@ class RoiSample:
     labels: list[Tensor]
     regression_targets: list[Tensor]
     box_features: Tensor  # box_head output, what the predictor reads (still in the graph)
-
-
-@dataclass
-class TailState:
-    """What a tail pass leaves behind besides its losses."""
-
-    features: "OrderedDict[str, Tensor]"  # the maps the RPN and RoI pooling read
-    proposals: list[Tensor]  # RPN proposals
-    roi: RoiSample
 
 
 def _check_targets(targets: Targets) -> None:
@@ -123,25 +112,23 @@ def predictor_losses(roi_heads, box_features: Tensor, labels: list[Tensor],
     return {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
 
 
-def roi_training_losses(roi_heads, features, proposals: list[Tensor], image_sizes, targets: Targets,
-                        roi_feature_fn: Optional[RoiFeatureFn] = None) -> tuple[dict[str, Tensor], RoiSample]:
+def roi_training_losses(roi_heads, features, proposals: list[Tensor], image_sizes,
+                        targets: Targets) -> tuple[dict[str, Tensor], RoiSample]:
     """The RoI heads' training losses: sample RoIs (random), pool them, run the RoI head,
-    optionally pass its output through ``roi_feature_fn``, then predictor and loss. Returns
-    the losses and the ``RoiSample`` (with the untransformed box features) for reuse."""
+    then predictor and loss. Returns the losses and the ``RoiSample`` for reuse."""
     proposals, _, labels, regression_targets = roi_heads.select_training_samples(proposals, targets)
     box_features = roi_heads.box_head(roi_heads.box_roi_pool(features, proposals, image_sizes))
     sample = RoiSample(proposals, labels, regression_targets, box_features)
-    used = box_features if roi_feature_fn is None else roi_feature_fn(box_features)
-    return predictor_losses(roi_heads, used, labels, regression_targets), sample
+    return predictor_losses(roi_heads, box_features, labels, regression_targets), sample
 
 
 def tail(model, feats: "OrderedDict[str, Tensor]", at: str, images: ImageList, targets: Targets, *,
-         sd: Optional[RoiFeatureFn] = None, return_state: bool = False):
+         return_roi: bool = False):
     """Finish the training pass from ``feats = head(...)`` (``feats[at]`` may be replaced by
     a perturbed feature): remaining body stages, neck, RPN, RoI heads. Returns the four
     losses in torchvision's order (``loss_classifier``, ``loss_box_reg``,
-    ``loss_objectness``, ``loss_rpn_box_reg``), and with ``return_state=True`` also a
-    ``TailState``. ``sd`` transforms the RoI head's output before the predictor."""
+    ``loss_objectness``, ``loss_rpn_box_reg``), and with ``return_roi=True`` also the
+    ``RoiSample`` of the pass (its RoIs and the RoI head's output)."""
     _check_split(model, at)
     body = model.backbone.body
     outputs = OrderedDict(feats)
@@ -154,9 +141,9 @@ def tail(model, feats: "OrderedDict[str, Tensor]", at: str, images: ImageList, t
     body_out = OrderedDict((key, outputs[layer]) for layer, key in body.return_layers.items())
     features = model.neck(body_out)
     proposals, rpn_losses = model.rpn(images, features, targets)
-    losses, roi = roi_training_losses(model.roi_heads, features, proposals, images.image_sizes, targets, sd)
+    losses, roi = roi_training_losses(model.roi_heads, features, proposals, images.image_sizes, targets)
     losses.update(rpn_losses)
-    return (losses, TailState(features, proposals, roi)) if return_state else losses
+    return (losses, roi) if return_roi else losses
 
 
 def forward_losses(model, images: list[Tensor], targets: Targets) -> dict[str, Tensor]:
