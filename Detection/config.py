@@ -7,9 +7,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 from afan.settings import ReleaseSwitches, check_nonnegative, check_strengths
-from Detection.models.faster_rcnn import check_name, model_settings
-
-SPLIT_POINTS = ("layer1", "layer2", "layer3", "layer4")
+from Detection.models.faster_rcnn import SPLIT_POINTS, check_name, model_settings
 
 
 @dataclass

@@ -43,6 +43,9 @@ from torchvision.ops.misc import Conv2dNormActivation, FrozenBatchNorm2d
 from .backbone_weights import load_backbone_weights
 from .parts import roi_training_losses
 
+# The ResNet stages SE may perturb after (a C4 model has layer1..layer3 in its backbone).
+SPLIT_POINTS = ("layer1", "layer2", "layer3", "layer4")
+
 ARCHS = {  # name -> (torchvision ResNet, family)
     "fasterrcnn_resnet18_c4": ("resnet18", "c4"),  # small: CPU runs and tests
     "fasterrcnn_resnet50_c4": ("resnet50", "c4"),
@@ -197,8 +200,7 @@ class DetectionModel(GeneralizedRCNN):
         self.resnet_name, kind = ARCHS[arch]
         self.c4 = kind == "c4"
         # C4: the RoI head holds layer4, so SE can perturb layer1..layer3 only.
-        self.split_points = tuple(name for name in ("layer1", "layer2", "layer3", "layer4")
-                                  if hasattr(backbone.body, name))
+        self.split_points = tuple(name for name in SPLIT_POINTS if hasattr(backbone.body, name))
 
     def neck(self, body_out: "OrderedDict[str, Tensor]") -> "OrderedDict[str, Tensor]":
         """The feature maps the RPN and RoI pooling read, from the backbone body's outputs."""
