@@ -1,6 +1,11 @@
 """afan: adversarial feature augmentation and normalization (A-FAN) with auxiliary
 adversarial BatchNorm (AdvProp), for any PyTorch vision model.
 
+In one call, for any model split at a named module (see ``afan.split``)::
+
+    objective = afan.AFAN(model, "layer2", steps=5, step_size=0.5 / 255, n=2, mask="01")
+    objective.loss(x, y, F.cross_entropy).backward()
+
 The method in five calls::
 
     h = head(x)                                            # clean feature
