@@ -53,13 +53,11 @@ def afan_step(model, x, y, cfg: AfanConfig) -> StepResult:
 
 def pixel_pgd(model, x, y, cfg: AdvPropConfig) -> torch.Tensor:
     """An L-infinity PGD image in [0, 1] around ``x`` (radius and step in units of 1/255)."""
-    return afan.pixel_pgd(x, lambda images: F.cross_entropy(model(images), y), steps=cfg.steps,
-                          step_size=cfg.step_size / 255, eps=cfg.eps / 255, random_start=cfg.random_start)
+    return afan.pixel_pgd(x, lambda images: F.cross_entropy(model(images), y), **cfg.attack())
 
 
 def advprop_step(model, x, y, cfg: AdvPropConfig) -> StepResult:
     """``(L_clean + L_adv) / 2`` with pixel PGD (:class:`afan.AdvProp`); adversarial passes
     use the auxiliary BN."""
-    result = afan.AdvProp(model, steps=cfg.steps, step_size=cfg.step_size / 255, eps=cfg.eps / 255,
-                          random_start=cfg.random_start).step(x, y, F.cross_entropy)
+    result = afan.AdvProp(model, **cfg.attack()).step(x, y, F.cross_entropy)
     return StepResult(result.loss, result.output, result.perturbation)

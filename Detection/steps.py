@@ -143,8 +143,7 @@ def afan_step(model, images: list[Tensor], targets: Targets, cfg: AfanConfig) ->
 def pixel_pgd(model, images: list[Tensor], targets: Targets, cfg: AdvPropConfig) -> list[Tensor]:
     """L-infinity PGD images in [0, 1] around ``images`` against the total detection loss
     (radius and step in units of 1/255; images may differ in size, see ``afan.pixel_pgd``)."""
-    return afan.pixel_pgd(images, lambda adv: _total(forward_losses(model, adv, targets)), steps=cfg.steps,
-                          step_size=cfg.step_size / 255, eps=cfg.eps / 255, random_start=cfg.random_start)
+    return afan.pixel_pgd(images, lambda adv: _total(forward_losses(model, adv, targets)), **cfg.attack())
 
 
 def advprop_step(model, images: list[Tensor], targets: Targets, cfg: AdvPropConfig) -> StepResult:
@@ -152,7 +151,6 @@ def advprop_step(model, images: list[Tensor], targets: Targets, cfg: AdvPropConf
     and the adversarial pass use the auxiliary BN, so the model must have been converted with
     ``afan.convert_aux_bn`` (needs ``norm="bn"``). ``losses``: the clean pass's four
     losses, ``loss_clean`` and ``loss_adv``."""
-    objective = afan.AdvProp(model, steps=cfg.steps, step_size=cfg.step_size / 255, eps=cfg.eps / 255,
-                             random_start=cfg.random_start, forward=forward_losses)
+    objective = afan.AdvProp(model, **cfg.attack(), forward=forward_losses)
     result = objective.step(images, targets, lambda losses, _: _total(losses))
     return StepResult(result.loss, {**_detached(result.output), **result.losses})

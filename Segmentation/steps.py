@@ -116,15 +116,13 @@ def afan_step(model, images: Tensor, masks: Tensor, cfg: AfanConfig) -> StepResu
 
 def pixel_pgd(model, images: Tensor, masks: Tensor, cfg: AdvPropConfig) -> Tensor:
     """An L-infinity PGD image batch in [0, 1] around ``images`` (radius and step in 1/255)."""
-    return afan.pixel_pgd(images, lambda x: segmentation_loss(model(x), masks), steps=cfg.steps,
-                          step_size=cfg.step_size / 255, eps=cfg.eps / 255, random_start=cfg.random_start)
+    return afan.pixel_pgd(images, lambda x: segmentation_loss(model(x), masks), **cfg.attack())
 
 
 def advprop_step(model, images: Tensor, masks: Tensor, cfg: AdvPropConfig) -> StepResult:
     """AdvProp (:class:`afan.AdvProp`): ``(L_clean + L_adv) / 2`` with pixel PGD; the attack and
     the adversarial pass use the auxiliary BN (convert the model with ``afan.convert_aux_bn``);
     the attack leaves BN running statistics alone (AdvProp is not part of the release)."""
-    objective = afan.AdvProp(model, steps=cfg.steps, step_size=cfg.step_size / 255, eps=cfg.eps / 255,
-                             random_start=cfg.random_start)
+    objective = afan.AdvProp(model, **cfg.attack())
     result = objective.step(images, masks, segmentation_loss)
     return StepResult(result.loss, result.output, result.losses, result.perturbation)

@@ -85,3 +85,9 @@ class AdvPropConfig:
 
     def __post_init__(self):
         check_nonnegative(self, "advprop", ("steps", "step_size", "eps"))
+
+    def attack(self) -> dict:
+        """The keyword arguments of ``afan.pixel_pgd`` and ``afan.AdvProp``: the same
+        settings in pixel units (step and radius are given in 1/255)."""
+        return {"steps": self.steps, "step_size": self.step_size / 255, "eps": self.eps / 255,
+                "random_start": self.random_start}
