@@ -17,9 +17,10 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from afan.norm import check_mask, frozen_bn_stats, mixed_strength, use_aux_bn
+from afan.norm import AuxBatchNorm2d, AuxNorm, check_mask, convert_aux_norm, frozen_bn_stats, mixed_strength, use_aux_bn
 from afan.passes import backward_each
 from afan.perturb import feature_pgd
+from afan.split import split
 
 Criterion = Callable[[Any, Any], Tensor]
 Images = Union[Tensor, Sequence[Tensor]]
@@ -45,7 +46,7 @@ def _check_stats(attack_norm_stats: str) -> None:
 
 
 def _has_aux(model: nn.Module) -> bool:
-    return any(".aux_bn." in f".{name}." for name, _ in model.named_modules())
+    return any(isinstance(m, (AuxBatchNorm2d, AuxNorm)) for m in model.modules())
 
 
 def pixel_pgd(images: Images, loss_fn: Callable[[Images], Tensor], *, steps: int, step_size: float, eps: float,
@@ -150,13 +151,9 @@ class AFAN(nn.Module):
         if aux_norm:
             if at is None:
                 raise ValueError("AFAN: aux_norm=True converts the norms after the split point: name it with at=")
-            from afan.norm import convert_aux_norm
-
             convert_aux_norm(model, after=at)
         self.model = model
         if head is None:
-            from afan.split import split
-
             head, tail = split(model, at)
             tail_needs_input = True  # split's tails take (h, x) and use x only where the graph needs it
         # A tuple, not attributes: the parts share the model's parameters, and registering
