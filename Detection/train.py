@@ -142,7 +142,7 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
 
     # The best model is chosen by COCO AP where the data has it, else by VOC mAP.
     best_key = "AP" if splits.eval_info.kind == "coco" else "mAP"
-    start, best, skipped = 0, -1.0, 0
+    start, best, skipped, final_metrics = 0, -1.0, 0, None
     if resume:
         state = continue_run(cfg.out, run_dir, model, optimizer, scheduler, position="iteration", process=process,
                              scaler=scaler)
@@ -179,7 +179,13 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
             if run_dir:
                 scores = {}
                 if eval_now:
-                    scores = run_evaluation(model, splits, device, run_dir.path, draw=0, write=False)
+                    # The last evaluation is the final one (same weights): it writes the
+                    # evaluation files, and the end of the run reuses its scores.
+                    last = done == cfg.iterations
+                    scores = run_evaluation(model, splits, device, run_dir.path, draw=cfg.draw_images if last else 0,
+                                            write=last)
+                    if last:
+                        final_metrics = dict(scores)
                     window.restart_clock()  # seconds per iteration count training only
                     if scores[best_key] > best:
                         best = scores[best_key]
@@ -202,7 +208,9 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
 
     final = afan.strip_aux_bn(model)
     save_checkpoint(checkpoint_payload(final), run_dir.file("final.pth"))
-    metrics = run_evaluation(final, splits, device, run_dir.path, draw=cfg.draw_images)
+    if final_metrics is None:  # no evaluation at the last iteration (or resumed after it)
+        final_metrics = run_evaluation(final, splits, device, run_dir.path, draw=cfg.draw_images)
+    metrics = final_metrics
     rows = run_dir.metrics.rows()
     summary = {"mode": cfg.mode, "model": cfg.model.name, "data": cfg.data.name,
                "iterations": cfg.iterations, **metrics, f"best_{best_key}": max(best, metrics[best_key]),

@@ -115,7 +115,7 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
     precision = resolve_precision(cfg.precision, device)
     scaler = grad_scaler(precision, device)
 
-    start, best, skipped = 0, -1.0, 0
+    start, best, skipped, final_metrics = 0, -1.0, 0, None
     if resume:
         state = continue_run(cfg.out, run_dir, model, optimizer, scheduler, position="iteration", process=process,
                              scaler=scaler)
@@ -153,7 +153,13 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
             if run_dir:
                 scores = {}
                 if eval_now:
-                    scores = run_evaluation(model, splits, device, run_dir.path, quiet_eval, workers=cfg.data.workers)
+                    # The last evaluation is the final one (same weights): it saves the
+                    # pictures, and the end of the run reuses its scores.
+                    last = done == cfg.iterations
+                    scores = run_evaluation(model, splits, device, run_dir.path, cfg.eval if last else quiet_eval,
+                                            workers=cfg.data.workers)
+                    if last:
+                        final_metrics = dict(scores)
                     window.restart_clock()  # seconds per iteration count training only
                     if scores["miou"] > best:
                         best = scores["miou"]
@@ -177,7 +183,9 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
 
     final = afan.strip_aux_bn(model)
     save_checkpoint(checkpoint_payload(final), run_dir.file("final.pth"))
-    metrics = run_evaluation(final, splits, device, run_dir.path, cfg.eval, workers=cfg.data.workers)
+    if final_metrics is None:  # no evaluation at the last iteration (or resumed after it)
+        final_metrics = run_evaluation(final, splits, device, run_dir.path, cfg.eval, workers=cfg.data.workers)
+    metrics = final_metrics
     rows = run_dir.metrics.rows()
     times = [r["sec_per_iter"] for r in rows if r.get("sec_per_iter") is not None]
     summary = {"mode": cfg.mode, "model": cfg.model.name, "data": cfg.data.name, "iterations": cfg.iterations,
