@@ -6,15 +6,21 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from afan import distributed
 from afan.rundir import progress
 from Classification.config import AdvPropConfig
 from Classification.steps import pixel_pgd
 
 
 def evaluate(model, loader, device, memory_format=torch.contiguous_format, *,
-             attack: Optional[AdvPropConfig] = None, desc: str = "eval") -> dict:
+             attack: Optional[AdvPropConfig] = None, desc: str = "eval",
+             process: Optional[distributed.Process] = None) -> dict:
     """Top-1/top-5 accuracy (fractions) and mean loss; with ``attack``, on PGD images made
-    against the model in eval mode."""
+    against the model in eval mode.
+
+    Under torchrun (``process`` in a process group) ``loader`` holds this process's part of the
+    data, ``distributed.shard(dataset, process)``: the counts are summed over the processes,
+    and every process returns the scores of the whole data set. Every process must call it."""
     model.eval()
     correct1 = correct5 = total = 0
     loss_sum = 0.0
@@ -31,6 +37,9 @@ def evaluate(model, loader, device, memory_format=torch.contiguous_format, *,
         correct1 += hits[:, 0].sum().item()
         correct5 += hits.any(dim=1).sum().item()
         total += y.numel()
+    if process is not None and process.distributed:
+        correct1, correct5, total, loss_sum = distributed.sum_over_processes([correct1, correct5, total, loss_sum],
+                                                                             device)
     if total == 0:
         raise ValueError("evaluation data set is empty")
     return {"top1": correct1 / total, "top5": correct5 / total, "loss": loss_sum / total}

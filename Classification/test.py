@@ -12,56 +12,51 @@ the original release's checkpoints (no ``config.yaml``: name the data). Prints o
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 
 import torch
 
-from afan.checkpoint import CheckpointError
-from afan.cli import add_test_arguments, non_negative_float, non_negative_int, positive_int, test_config
-from afan.config import ConfigError
-from afan.runtime import select_device
+from afan.cli import non_negative_float, non_negative_int, positive_int, test_main
 from Classification.config import AdvPropConfig, TrainConfig
-from Classification.data import DataError, build_datasets, make_loader
+from Classification.data import build_datasets, make_loader
 from Classification.evaluation import evaluate
 from Classification.models import load_model
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Evaluate a classification checkpoint.")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint file to score")
-    parser.add_argument("--model", help="architecture name, needed for plain state dicts")
+def arguments(parser) -> None:
     parser.add_argument("--split", choices=("val", "test"), default="test")
     parser.add_argument("--batch-size", type=positive_int, default=256)
     parser.add_argument("--contiguous", action="store_true", help="NCHW instead of channels_last tensors")
     parser.add_argument("--pgd-eps", type=non_negative_float, default=0.0, help="PGD radius in 1/255 (0: clean only)")
     parser.add_argument("--pgd-steps", type=non_negative_int, default=10)
     parser.add_argument("--pgd-step-size", type=non_negative_float, help="PGD step in 1/255 (default eps/4)")
-    add_test_arguments(parser, "data.")
-    args = parser.parse_intermixed_args(argv)
-    try:
-        cfg = test_config(TrainConfig, args, ("data",))
-        data_cfg = cfg.data
-        splits = build_datasets(data_cfg, seed=cfg.seed)
-        device = select_device(args.device)
-        fmt = torch.contiguous_format if args.contiguous else torch.channels_last
-        model = load_model(args.checkpoint, name=args.model, num_classes=splits.num_classes)
-        model = model.to(device, memory_format=fmt)
-    except (ConfigError, DataError, CheckpointError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    loader = make_loader(getattr(splits, args.split), args.batch_size, train=False,
-                         workers=data_cfg.workers, seed=cfg.seed)
-    result = {"checkpoint": args.checkpoint, "data": data_cfg.name, "split": args.split}
-    result.update(evaluate(model, loader, device, fmt, desc=args.split))
+
+
+def layout(args) -> torch.memory_format:
+    return torch.contiguous_format if args.contiguous else torch.channels_last
+
+
+def load(args, splits, device):
+    model = load_model(args.checkpoint, name=args.model, num_classes=splits.num_classes)
+    return model.to(device, memory_format=layout(args))
+
+
+def score(args, cfg, splits, model, device) -> dict:
+    loader = make_loader(getattr(splits, args.split), args.batch_size, train=False, workers=cfg.data.workers,
+                         seed=cfg.seed)
+    result = {"split": args.split, **evaluate(model, loader, device, layout(args), desc=args.split)}
     if args.pgd_eps > 0:
         attack = AdvPropConfig(steps=args.pgd_steps, eps=args.pgd_eps, random_start=True,
                                step_size=args.pgd_step_size or args.pgd_eps / 4)
-        robust = evaluate(model, loader, device, fmt, attack=attack, desc="pgd")
+        robust = evaluate(model, loader, device, layout(args), attack=attack, desc="pgd")
         result.update({f"pgd_{k}": v for k, v in robust.items()}, pgd_eps=args.pgd_eps, pgd_steps=args.pgd_steps)
-    print("SUMMARY " + json.dumps(result), flush=True)
-    return 0
+    return result
+
+
+def main(argv=None) -> int:
+    return test_main(argv, description="Evaluate a classification checkpoint.", config_cls=TrainConfig,
+                     sections=("data",), build_datasets=build_datasets, load=load, score=score,
+                     model_help="architecture name, needed for plain state dicts", arguments=arguments)
 
 
 if __name__ == "__main__":

@@ -16,19 +16,15 @@ import bisect
 import difflib
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch
 import afan
 from afan import distributed
-from afan.checkpoint import save_checkpoint
 from afan.cli import train_main
 from afan.config import ConfigError
-from afan.guard import TrainingGuard, guarded_step
-from afan.loading import iteration_batches
-from afan.rundir import RunDir, continue_run, duration, progress, save_training_state, write_summary
-from afan.runtime import compile_parts, grad_scaler, resolve_precision, seed_everything
+from afan.loop import Job, launcher, run_loop
+from afan.runtime import compile_parts, seed_everything
 from Classification.config import OptimConfig, TrainConfig
 from Classification.data import build_datasets, make_loader
 from Classification.evaluation import evaluate
@@ -86,48 +82,14 @@ def training_step(model, x, y, cfg: TrainConfig):
     return base_step(model, x, y)
 
 
-EPOCH_TOTALS = ("seen", "loss", "correct", "l2", "linf")  # what an epoch's log row is made of
-
-
-def train_one_epoch(model, run_step, batches, optimizer, scheduler, scaler, cfg: TrainConfig, device, epoch: int,
-                    guard: TrainingGuard, totals: dict, first: int, steps: int) -> int:
-    """Steps ``first`` to ``steps - 1`` of an epoch, adding this process's sums to ``totals``;
-    returns the number of steps done by its end, fewer when a signal asked the run to stop."""
-    precision = resolve_precision(cfg.precision, device)
-    model.train()
-    bar = progress(range(first, steps), initial=first, total=steps, desc=f"{cfg.mode} epoch {epoch}", leave=False)
-    for step in bar:
-        x, y = next(batches)
-        x = x.to(device, memory_format=memory_format(cfg), non_blocking=True)
-        y = y.to(device, non_blocking=True)
-        result = guarded_step(run_step, (x, y), guard, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                              precision=precision, device=device, where=f"epoch {epoch}, step {step + 1} of {steps}")
-        n = y.numel()
-        bar.set_postfix(loss=f"{result.loss.item():.4g}", refresh=False)
-        totals["seen"] += n
-        totals["loss"] += result.loss.item() * n
-        totals["correct"] += (result.logits.argmax(1) == y).sum().item()
-        if result.perturbation is not None:
-            delta = result.perturbation.flatten(1)
-            totals["l2"] += delta.norm(dim=1).sum().item()
-            totals["linf"] += delta.abs().amax(dim=1).sum().item()
-        if guard.stop_requested:
-            return step + 1
-    return steps
-
-
-def epoch_row(totals: dict, cfg: TrainConfig) -> dict:
-    """The logged training means of an epoch from its sums (already added over processes)."""
-    row = {"train_loss": totals["loss"] / totals["seen"], "train_acc": totals["correct"] / totals["seen"]}
-    if cfg.mode != "base":
-        row.update(pert_l2=totals["l2"] / totals["seen"], pert_linf=totals["linf"] / totals["seen"])
-    return row
-
-
-def run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
-    """Train (or continue) the run described by ``cfg``; returns the summary (under torchrun:
-    on process 0; the others return an empty dict)."""
-    return distributed.launch(_train, cfg, resume=resume, overwrite=overwrite)
+def step_values(result, batch) -> dict:
+    """A step's logged numbers: loss, accuracy and the mean L2 and L-infinity size of its perturbation."""
+    y = batch[1]
+    values = {"train_loss": result.loss.item(), "train_acc": (result.logits.argmax(1) == y).float().mean().item()}
+    if result.perturbation is not None:
+        delta = result.perturbation.flatten(1)
+        values.update(pert_l2=delta.norm(dim=1).mean().item(), pert_linf=delta.abs().amax(dim=1).mean().item())
+    return values
 
 
 def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bool, overwrite: bool) -> dict:
@@ -140,86 +102,35 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
         raise ConfigError(f"batch_size={cfg.batch_size} is larger than the training split ({len(splits.train)} "
                           "images); lower batch_size")
     model = build_model(cfg, splits.num_classes, device)
-    run_step = distributed.step_runner(model, lambda m, x, y: training_step(m, x, y, cfg), process, device,
-                                       sync_bn=cfg.sync_bn)
-    # Only process 0 writes; the others read the checkpoint they resume from.
-    run_dir = RunDir(cfg.out, resume=resume, overwrite=overwrite) if process.is_main else None
-    loader_args = dict(workers=cfg.data.workers, seed=cfg.seed)
-    val_loader = make_loader(splits.val, cfg.batch_size, train=False, **loader_args)
-
     optimizer, scheduler = make_optimizer(model, cfg, steps_per_epoch)
-    scaler = grad_scaler(resolve_precision(cfg.precision, device), device)
+    layout = memory_format(cfg)
+    loader_args = dict(workers=cfg.data.workers, seed=cfg.seed)
+    val_loader = make_loader(distributed.shard(splits.val, process), cfg.batch_size, train=False, **loader_args)
 
-    start_epoch, best_acc, partial, skipped = 0, -1.0, None, 0
-    if resume:
-        state = continue_run(cfg.out, run_dir, model, optimizer, scheduler, position="epoch", process=process,
-                             scaler=scaler)
-        start_epoch, best_acc, skipped = state["epoch"] + 1, state["best_val_acc"], state.get("skipped_steps", 0)
-        partial = state.get("partial_epoch")
-    if run_dir:
-        run_dir.save_config(cfg)
+    def to_device(batch):
+        x, y = batch
+        return x.to(device, memory_format=layout, non_blocking=True), y.to(device, non_blocking=True)
 
-    guard = TrainingGuard(process, device, on_nonfinite=cfg.on_nonfinite, last_checkpoint=Path(cfg.out) / RunDir.LAST,
-                          skipped=skipped)
+    def validate(model, last):
+        return {"acc": evaluate(model, val_loader, device, layout, desc="val", process=process)["top1"]}
 
-    def save_last(**position):
-        """Write last.pth at ``position`` (call on every process: they exchange RNG states)."""
-        save_training_state(run_dir, process, checkpoint_payload(model), optimizer, scheduler, cfg, scaler=scaler,
-                            best_val_acc=best_acc, **guard.counts(always=True), **position)
-
-    with guard:
-        for epoch in range(start_epoch, cfg.epochs):
-            tic = time.perf_counter()
-            # An epoch's batches are the next part of one resumable shuffle, so a run resumed
-            # at any step sees the batches the uninterrupted run would have seen.
-            first, totals = 0, dict.fromkeys(EPOCH_TOTALS, 0.0)
-            if partial:  # a run stopped by a signal inside this epoch; process 0 holds the sums so far
-                first = partial["batch"]
-                if run_dir:
-                    totals = dict(partial["totals"])
-                partial = None
-            batches = iteration_batches(splits.train, cfg.batch_size, process, seed=cfg.seed,
-                                        start=epoch * len(splits.train) + first * cfg.batch_size,
-                                        workers=cfg.data.workers)
-            done = train_one_epoch(model, run_step, batches, optimizer, scheduler, scaler, cfg, device, epoch, guard,
-                                   totals, first, steps_per_epoch)
-            totals = dict(zip(EPOCH_TOTALS, distributed.sum_over_processes(list(totals.values()), device)))
-            if done < steps_per_epoch:  # stopped by a signal: save the position inside the epoch
-                save_last(epoch=epoch - 1, partial_epoch={"batch": done, "totals": totals})
-                guard.stop(f"step {done} of {steps_per_epoch} in epoch {epoch}")
-            # The other processes' next step (its gradient averaging) waits for process 0 here.
-            if run_dir:
-                # The rate the epoch started with (a resumed epoch did not start here).
-                lr = cfg.optim.lr * lr_factor(epoch * steps_per_epoch, steps_per_epoch, cfg.epochs, cfg.optim)
-                row = {"epoch": epoch, "lr": lr, **epoch_row(totals, cfg), **guard.counts()}
-                row["val_acc"] = evaluate(model, val_loader, device, memory_format(cfg), desc="val")["top1"]
-                row["time"] = time.perf_counter() - tic
-                run_dir.metrics.log(**row)
-                if row["val_acc"] > best_acc:
-                    best_acc = row["val_acc"]
-                    best = checkpoint_payload(afan.strip_aux_bn(model))
-                    save_checkpoint({**best, "epoch": epoch, "val_acc": best_acc}, run_dir.best_checkpoint)
-                left = (cfg.epochs - epoch - 1) * row["time"]
-                print(f"epoch {epoch}: " + " ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch")
-                      + f" ETA {duration(left)}", flush=True)
-            save_last(epoch=epoch)
-            if guard.stop_requested:
-                guard.stop(f"epoch {epoch}")
-    if not run_dir:
+    finished = run_loop(Job(cfg, model, optimizer, scheduler, splits.train, step=lambda m, x, y: training_step(m, x, y, cfg),
+                            to_device=to_device, step_values=step_values, evaluate=validate, best_key="acc",
+                            payload=checkpoint_payload, iterations=cfg.epochs * steps_per_epoch,
+                            log_every=steps_per_epoch, checkpoint_every=steps_per_epoch, eval_every=steps_per_epoch,
+                            epoch_steps=steps_per_epoch),
+                        process, device, resume=resume, overwrite=overwrite)
+    # The best model is scored on the test split, each process its share.
+    best_model = load_model(Path(cfg.out) / "best.pth").to(device, memory_format=layout)
+    test_loader = make_loader(distributed.shard(splits.test, process), cfg.batch_size, train=False, **loader_args)
+    test = evaluate(best_model, test_loader, device, layout, desc="test", process=process)
+    if finished.run_dir is None:
         return {}
-    run_dir.metrics.plot(run_dir.file("curves.png"), x="epoch")
+    return finished.summary(cfg.model, epochs=cfg.epochs, best_val_acc=finished.best, test_acc=test["top1"],
+                            test_top5=test["top5"], sec_per_epoch=finished.mean("time"))
 
-    best_model = load_model(run_dir.best_checkpoint).to(device, memory_format=memory_format(cfg))
-    test_loader = make_loader(splits.test, cfg.batch_size, train=False, **loader_args)
-    test = evaluate(best_model, test_loader, device, memory_format(cfg), desc="test")
-    rows = run_dir.metrics.rows()
-    summary = {
-        "mode": cfg.mode, "model": cfg.model, "data": cfg.data.name, "epochs": cfg.epochs,
-        "best_val_acc": best_acc, "test_acc": test["top1"], "test_top5": test["top5"],
-        "sec_per_epoch": sum(r["time"] for r in rows) / len(rows), **guard.counts(), "out": str(run_dir.path),
-    }
-    write_summary(run_dir, summary)
-    return summary
+
+run = launcher(_train)
 
 
 def main(argv=None) -> int:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Literal, Optional
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal, Optional
 
-from afan.settings import ReleaseSwitches, check_nonnegative, check_strengths
+from afan.settings import AdvPropConfig, IterationRun, SeSdConfig, check_nonnegative
+from Detection.data import DataConfig
 from Detection.models.faster_rcnn import SPLIT_POINTS, check_name, model_settings
 
 
@@ -44,41 +45,68 @@ class ModelConfig:
 
 
 @dataclass
-class AfanConfig(ReleaseSwitches):
-    """A-FAN for detection, the VOC2007 release's settings (``train_aug_final.py`` and
-    ``sh/voc2007/clean50/090_final_setting1.sh``).
+class AfanConfig(SeSdConfig):
+    """A-FAN for detection (``afan.settings.SeSdConfig``), the VOC2007 release's settings
+    (``train_aug_final.py`` and ``sh/voc2007/clean50/090_final_setting1.sh``).
 
-    SE: feature PGD after backbone stage ``se_layer``, ``se_steps`` steps of
-    ``gamma_se / 255`` (no random start, no projection, as released; ``eps_se`` is kept
-    for reference only), ``n`` strengths mixed by ``mask``, built from the clean feature
-    detached. SD: PGD on the RoI head's output (the box features the class and box linears
-    read), ``sd_steps`` steps of ``gamma_sd / 255``; ``sd_mix`` re-normalises the clean box
-    features with the adversarial statistics, ``sd_noise`` adds uniform noise in
-    ``[-1, 1] * gamma_sd * sd_noise`` (the release's formula). ``only_roi`` is the release's
-    ``--only_roi_sd``: the SD attack's loss is the RoI losses only, else also the RPN losses,
-    which do not depend on the box features, so both give the same perturbation (in the
-    release too); L_sd always includes the clean RPN losses. Loss:
-    ``(L_0 + ... + L_n) / 3 * (1 - w) + L_sd / 3 * w``. ``attack_bn_stats``,
-    ``se_trains_head``: see ``afan.settings.ReleaseSwitches``.
+    SE after ``se_layer``, with no random start and no projection, as released (``eps_se``
+    is kept for reference only), built from the clean feature detached. SD attacks the RoI
+    head's output (the box features the class and box linears read). ``only_roi`` is the
+    release's ``--only_roi_sd``: the SD attack's loss is the RoI losses only, else also the
+    RPN losses, which do not depend on the box features, so both give the same perturbation
+    (in the release too); L_sd always includes the clean RPN losses. Loss:
+    ``(L_0 + ... + L_n) / 3 * (1 - w) + L_sd / 3 * w``. ``aux_bn`` needs ``model.norm=bn``.
     """
 
+    split_points: ClassVar[tuple] = tuple(SPLIT_POINTS)
+
     se_layer: str = "layer2"
-    se_steps: int = 1
     gamma_se: float = 1.0
-    eps_se: float = 2.0
     n: int = 4
     mask: str = "0011"
-    sd: bool = True
-    sd_steps: int = 1
     gamma_sd: float = 0.1
-    sd_mix: bool = False
-    sd_noise: float = 0.0
     w: float = 0.3  # weight of the SD loss (the release's sd_adv_loss_weight)
+    eps_se: float = 2.0
     only_roi: bool = True  # the SD attack's loss is the RoI losses only (no effect on its result)
-    aux_bn: bool = False  # adversarial passes through auxiliary BN (needs model.norm=bn)
 
     def __post_init__(self):
-        if self.se_layer not in SPLIT_POINTS:
-            raise ValueError(f"afan.se_layer must be one of {list(SPLIT_POINTS)}, got {self.se_layer!r}")
-        check_nonnegative(self, "afan", ("se_steps", "sd_steps", "gamma_se", "gamma_sd", "eps_se", "sd_noise"))
-        check_strengths(self)
+        super().__post_init__()
+        check_nonnegative(self, "afan", ("eps_se",))
+
+
+@dataclass
+class OptimConfig:
+    """SGD with linear warm-up and step decay at given iterations (VOC2007 release)."""
+
+    lr: float = 0.008
+    momentum: float = 0.9
+    weight_decay: float = 5e-4  # the VOC2007 release (its train_config.py); COCO: 1e-4
+    steps: list[int] = field(default_factory=lambda: [6250, 8750])
+    decay: float = 0.1
+    warmup_iters: int = 500
+    warmup_factor: float = 1 / 3  # lr factor at iteration 0, rising linearly to 1
+
+    def __post_init__(self):
+        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_iters < 0:
+            raise ValueError("optim.lr must be > 0, optim.weight_decay and optim.warmup_iters >= 0")
+        if sorted(self.steps) != list(self.steps):
+            raise ValueError(f"optim.steps must be increasing, got {self.steps}")
+
+
+@dataclass
+class TrainConfig(IterationRun):
+    iterations: int = 11250
+    draw_images: int = 4  # test images drawn with their predictions at the end
+    out: str = "runs/detection"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    afan: AfanConfig = field(default_factory=AfanConfig)
+    advprop: AdvPropConfig = field(default_factory=AdvPropConfig)
+
+    def __post_init__(self):
+        super().__post_init__()
+        needs_bn = self.mode == "advprop" or (self.mode == "afan" and self.afan.aux_bn)
+        if needs_bn and self.model.norm != "bn":
+            raise ValueError("auxiliary BN (mode=advprop or afan.aux_bn=true) needs trainable "
+                             "BatchNorm: add model.norm=bn")

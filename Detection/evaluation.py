@@ -28,6 +28,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from afan import distributed
 from afan.checkpoint import atomic_open
 from afan.rundir import progress
 from Detection.data import make_loader
@@ -360,37 +361,50 @@ def save_coco_json(detections: Mapping, eval_info, path) -> Path:
 # A model on a test split
 
 
-def predict(model, dataset, device, batch_size: int = 4) -> dict:
-    """image_id -> {"boxes", "labels", "scores"} (CPU tensors) for every image of ``dataset``;
-    the model is left in the mode it was in (training goes on after an evaluation)."""
+def predict(model, dataset, device, batch_size: int = 4, process: Optional[distributed.Process] = None) -> dict:
+    """image_id -> {"boxes", "labels", "scores"} (CPU tensors) for every image of ``dataset``,
+    in the data set's order; the model is left in the mode it was in (training goes on after an
+    evaluation). Under torchrun (``process`` in a process group) each process predicts its
+    ``distributed.shard`` of ``dataset`` (pass the whole data set) and every process returns the
+    detections of all images; every process must call it."""
+    process = process or distributed.Process()
     was_training = model.training
     model.eval()
-    detections = {}
-    loader = make_loader(dataset, batch_size, train=False, workers=0, seed=0)
+    found = []
+    loader = make_loader(distributed.shard(dataset, process), batch_size, train=False, workers=0, seed=0)
     with torch.no_grad():
         for images, targets in progress(loader, desc="predict", leave=False):
             outputs = model([image.to(device) for image in images])
             for target, output in zip(targets, outputs):
-                detections[int(target["image_id"])] = {k: v.cpu() for k, v in output.items()}
+                found.append((int(target["image_id"]), {k: v.cpu() for k, v in output.items()}))
     model.train(was_training)
-    return detections
+    # The data set's order, as one process would have it: VOC matching breaks score ties by it.
+    return dict(distributed.gather_shards(found, process))
 
 
-def run_evaluation(model, splits, device, out_dir, *, draw: int = 4, write: bool = True) -> dict:
+def run_evaluation(model, splits, device, out_dir, *, draw: int = 4, write: bool = True,
+                   process: Optional[distributed.Process] = None) -> dict:
     """Predict the test split and score it; returns the scalar metrics. With ``write``, also
     ``per_class_ap.csv``, ``detections.json`` (COCO results format) and ``draw`` pictures of
-    predictions with their ground truth in ``out_dir/predictions``."""
-    out_dir = Path(out_dir)
-    detections = predict(model, splits.test, device)
-    metrics = evaluate(splits.eval_info, detections, splits.class_names)
-    per_class = metrics.pop("per_class")
-    if not write:
-        return metrics
-    save_per_class_csv(per_class, out_dir / "per_class_ap.csv")
-    save_coco_json(detections, splits.eval_info, out_dir / "detections.json")
-    for index in range(min(draw, len(splits.test))):
-        image, target = splits.test[index]
-        found = detections[int(target["image_id"])]
-        draw_detections(image, found["boxes"], found["labels"], found["scores"], splits.class_names,
-                        out_dir / "predictions" / f"{index:03d}.png", ground_truth=target)
-    return metrics
+    predictions with their ground truth in ``out_dir/predictions``.
+
+    Under torchrun (``process`` in a process group) every process predicts its part of the
+    split (:func:`predict`), process 0 scores all the detections and writes the files (the
+    others write nothing; their ``out_dir`` may be None), and every process returns process 0's
+    metrics. Every process must call it."""
+    process = process or distributed.Process()
+    detections = predict(model, splits.test, device, process=process)
+    metrics = None
+    if process.is_main:
+        metrics = evaluate(splits.eval_info, detections, splits.class_names)
+        per_class = metrics.pop("per_class")
+        if write:
+            out_dir = Path(out_dir)
+            save_per_class_csv(per_class, out_dir / "per_class_ap.csv")
+            save_coco_json(detections, splits.eval_info, out_dir / "detections.json")
+            for index in range(min(draw, len(splits.test))):
+                image, target = splits.test[index]
+                found = detections[int(target["image_id"])]
+                draw_detections(image, found["boxes"], found["labels"], found["scores"], splits.class_names,
+                                out_dir / "predictions" / f"{index:03d}.png", ground_truth=target)
+    return distributed.broadcast_object(metrics, process)

@@ -11,45 +11,36 @@ Prints one line ``SUMMARY {json}``.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 
-from afan.checkpoint import CheckpointError
-from afan.cli import add_test_arguments, non_negative_int, test_config, test_output
-from afan.config import ConfigError
-from afan.loading import DataError
-from afan.runtime import select_device
+from afan.cli import non_negative_int, test_main, test_output
+from Detection.config import TrainConfig
 from Detection.data import build_datasets
 from Detection.evaluation import run_evaluation
 from Detection.models import load_model
-from Detection.train import TrainConfig
+
+
+def arguments(parser) -> None:
+    parser.add_argument("--draw", type=non_negative_int, help="test images drawn with their predictions "
+                                                              "(default: the run's draw_images)")
+
+
+def load(args, splits, device):
+    return load_model(args.checkpoint, name=args.model, num_classes=splits.num_classes).to(device)
+
+
+def score(args, cfg, splits, model, device) -> dict:
+    out = test_output(args, cfg.data.name)
+    metrics = run_evaluation(model, splits, device, out, draw=cfg.draw_images if args.draw is None else args.draw)
+    return {**metrics, "out": str(out)}
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Evaluate a Faster R-CNN checkpoint.")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint file to evaluate")
-    parser.add_argument("--model", help="architecture name, needed for plain state dicts")
-    parser.add_argument("--out", help="folder for per_class_ap.csv and predictions/ (default: test_<data> next to the "
-                                      "checkpoint, never over an earlier one)")
-    parser.add_argument("--draw", type=non_negative_int, help="test images drawn with their predictions "
-                                                                   "(default: the run's draw_images)")
-    add_test_arguments(parser, "data.")
-    args = parser.parse_intermixed_args(argv)
-    try:
-        cfg = test_config(TrainConfig, args, ("data",))
-        data_cfg = cfg.data
-        splits = build_datasets(data_cfg, seed=cfg.seed)
-        device = select_device(args.device)
-        model = load_model(args.checkpoint, name=args.model, num_classes=splits.num_classes).to(device)
-    except (ConfigError, DataError, CheckpointError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    out = test_output(args, data_cfg.name)
-    metrics = run_evaluation(model, splits, device, out, draw=cfg.draw_images if args.draw is None else args.draw)
-    print("SUMMARY " + json.dumps({"checkpoint": args.checkpoint, "data": data_cfg.name, **metrics,
-                                   "out": str(out)}), flush=True)
-    return 0
+    return test_main(argv, description="Evaluate a Faster R-CNN checkpoint.", config_cls=TrainConfig,
+                     sections=("data",), build_datasets=build_datasets, load=load, score=score,
+                     model_help="architecture name, needed for plain state dicts",
+                     out_help="folder for per_class_ap.csv and predictions/ (default: test_<data> next to the "
+                              "checkpoint, never over an earlier one)", arguments=arguments)
 
 
 if __name__ == "__main__":

@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
-from afan.settings import AdvPropConfig, ReleaseSwitches, RunSettings, check_nonnegative, check_positive, check_strengths
+from afan.settings import AdvPropConfig, IterationRun, SeSdConfig
 from Segmentation.data import DataConfig
-from Segmentation.models.deeplab import MODEL_NAMES, OUTPUT_STRIDES, SD_LAYERS, SPLIT_POINTS
+from Segmentation.models.deeplab import OUTPUT_STRIDES, SD_LAYERS, SPLIT_POINTS, check_name
 
 
 @dataclass
@@ -23,8 +23,7 @@ class ModelConfig:
     backbone_bn_momentum: float = 0.01
 
     def __post_init__(self):
-        if self.name not in MODEL_NAMES:
-            raise ValueError(f"model.name={self.name!r} is not valid; choose one of {', '.join(MODEL_NAMES)}")
+        check_name(self.name)
         if self.output_stride not in OUTPUT_STRIDES:
             raise ValueError(f"model.output_stride={self.output_stride!r} is not valid; use 8 or 16")
         if not 0 < self.backbone_bn_momentum <= 1:
@@ -58,41 +57,28 @@ class OptimConfig:
 
 
 @dataclass
-class AfanConfig(ReleaseSwitches):
-    """A-FAN for DeepLabv3+, the VOC2012 release's settings (``attack_bn_stats``,
-    ``se_trains_head``: see ``afan.settings.ReleaseSwitches``).
+class AfanConfig(SeSdConfig):
+    """A-FAN for DeepLabv3+ (``afan.settings.SeSdConfig``), the VOC2012 release's settings.
 
-    SE: feature PGD after backbone stage ``se_layer``, ``se_steps`` steps of
-    ``gamma_se / 255`` (no random start, no projection, as released), ``n`` strengths mixed
-    by ``mask``. SD: PGD on ``sd_layer``, the ASPP output (``aspp``, the VOC release) or the
-    decoder's concatenated feature (``concat``, the Cityscapes release), ``sd_steps`` steps of
-    ``gamma_sd / 255``; ``sd_mix`` re-normalises the clean SD feature with the adversarial statistics,
-    ``sd_noise`` adds uniform noise in ``[-1, 1] * gamma_sd * sd_noise``. Loss:
-    ``(1 - w) L_0 + w / k * (L_1 + ... + L_n + L_sd)`` with ``k`` adversarial terms; the
-    release's ``w = 0.3``, ``n = 2`` gives ``0.7 L_0 + 0.1 L_1 + 0.1 L_2 + 0.1 L_sd``.
+    SE with no random start and no projection, as released. SD on ``sd_layer``, the ASPP
+    output (``aspp``, the VOC release) or the decoder's concatenated feature (``concat``, the
+    Cityscapes release). Loss: ``(1 - w) L_0 + w / k * (L_1 + ... + L_n + L_sd)`` with ``k``
+    adversarial terms; the release's ``w = 0.3``, ``n = 2`` gives
+    ``0.7 L_0 + 0.1 L_1 + 0.1 L_2 + 0.1 L_sd``.
     """
 
+    split_points: ClassVar[tuple] = tuple(SPLIT_POINTS)
+
     se_layer: str = "layer3"
-    se_steps: int = 1
     gamma_se: float = 0.01
-    n: int = 2
-    mask: str = "11"
-    sd: bool = True
-    sd_layer: str = "aspp"
-    sd_steps: int = 1
     gamma_sd: float = 0.4
-    sd_mix: bool = False
-    sd_noise: float = 0.0
     w: float = 0.3  # total weight of the adversarial terms
-    aux_bn: bool = False  # adversarial passes through auxiliary BN
+    sd_layer: str = "aspp"
 
     def __post_init__(self):
-        if self.se_layer not in SPLIT_POINTS:
-            raise ValueError(f"afan.se_layer must be one of {list(SPLIT_POINTS)}, got {self.se_layer!r}")
+        super().__post_init__()
         if self.sd_layer not in SD_LAYERS:
             raise ValueError(f"afan.sd_layer must be one of {list(SD_LAYERS)}, got {self.sd_layer!r}")
-        check_nonnegative(self, "afan", ("se_steps", "sd_steps", "gamma_se", "gamma_sd", "sd_noise"))
-        check_strengths(self)
 
 
 @dataclass
@@ -121,12 +107,9 @@ class EvalConfig:
 
 
 @dataclass
-class TrainConfig(RunSettings):
-    mode: Literal["base", "afan", "advprop"] = "base"
+class TrainConfig(IterationRun):
     iterations: int = 30000
     batch_size: int = 4
-    eval_every: int = 0  # also evaluate (and keep best.pth) every N iterations; 0: only at the end
-    checkpoint_every: int = 1000
     log_every: int = 10
     out: str = "runs/segmentation"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -135,7 +118,3 @@ class TrainConfig(RunSettings):
     eval: EvalConfig = field(default_factory=EvalConfig)
     afan: AfanConfig = field(default_factory=AfanConfig)
     advprop: AdvPropConfig = field(default_factory=AdvPropConfig)
-
-    def __post_init__(self):
-        check_positive(self, ("iterations", "batch_size", "checkpoint_every", "log_every"))
-        check_nonnegative(self, "", ("eval_every",))

@@ -4,11 +4,14 @@ release's ``--crop_val``) or sliding-window inference, the confusion-matrix metr
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import Subset
 
+from afan import distributed
 from afan.rundir import progress
 from Segmentation.config import EvalConfig
 from Segmentation.data import center_crop_view, make_loader
@@ -82,42 +85,68 @@ def segmentation_figure(image: Tensor, mask: Tensor, pred: Tensor, palette, clas
     return figure
 
 
+def _predictions(model, dataset, device, num_classes: int, cfg: EvalConfig, workers: int):
+    """(images, masks, predictions) on ``device``, batch by batch through ``dataset``."""
+    loader = make_loader(dataset, cfg.batch_size, train=False, workers=workers, seed=0)
+    for batch in progress(loader, desc="evaluate", leave=False):
+        for images, masks in _batches(batch):
+            images, masks = images.to(device), masks.to(device)
+            yield images, masks, predict(model, images, num_classes, cfg)
+
+
 def evaluate(model, dataset, device, num_classes: int, cfg: EvalConfig, *, pictures_dir=None,
-             palette=None, class_names=(), workers: int = 0) -> dict:
+             palette=None, class_names=(), workers: int = 0, process: Optional[distributed.Process] = None) -> dict:
     """Scores of ``model`` on ``dataset`` (see ``Segmentation.metrics.scores``); with
     ``pictures_dir``, the first ``cfg.save_images`` images are saved with ground truth and
     prediction as ``pred_<k>.png``. ``cfg.mode="crop"`` scores the centre crops of
-    ``Segmentation.data.center_crop_view`` instead of the whole images."""
+    ``Segmentation.data.center_crop_view`` instead of the whole images.
+
+    Under torchrun (``process`` in a process group) pass the whole data set: each process
+    predicts its ``distributed.shard`` of it, the confusion matrices are summed over the
+    processes, and every process returns the scores of the whole set. The pictures are
+    process 0's alone (the others ignore ``pictures_dir``): as its shard does not hold the first
+    images, it predicts those few again after the scoring pass. Every process must call it."""
+    process = process or distributed.Process()
     if cfg.mode == "crop":
         dataset = center_crop_view(dataset, cfg.crop)
     was_training = model.training
     model.eval()
     metric = SegmentationMetric(num_classes)
-    saved = 0
-    loader = make_loader(dataset, cfg.batch_size, train=False, workers=workers, seed=0)
+    pictures = []  # (image, mask, prediction) of the first images, as far as they are known yet
     try:
-        for batch in progress(loader, desc="evaluate", leave=False):
-            for images, masks in _batches(batch):
-                images, masks = images.to(device), masks.to(device)
-                preds = predict(model, images, num_classes, cfg)
-                metric.update(preds, masks)
-                for k in range(len(images)):
-                    if pictures_dir is None or saved >= cfg.save_images:
-                        break
-                    figure = segmentation_figure(images[k], masks[k], preds[k], palette, class_names)
-                    figure.savefig(Path(pictures_dir) / f"pred_{saved}.png", format="png")
-                    saved += 1
+        for images, masks, preds in _predictions(model, distributed.shard(dataset, process), device, num_classes, cfg,
+                                                 workers):
+            metric.update(preds, masks)
+            if pictures_dir is not None and not process.distributed:  # one process: its batches come in order
+                pictures.extend(zip(images, masks, preds))
+                del pictures[cfg.save_images:]
+        if pictures_dir is not None and process.distributed and process.is_main:
+            first = Subset(dataset, range(min(cfg.save_images, len(dataset))))
+            for images, masks, preds in _predictions(model, first, device, num_classes, cfg, workers=0):  # a few images
+                pictures.extend(zip(images, masks, preds))
     finally:
         model.train(was_training)
+    # A process with an empty shard still has the CPU matrix it started with; NCCL sums on the GPU.
+    metric.matrix = distributed.sum_tensor_over_processes(metric.matrix.to(device), process)
+    for k, (image, mask, pred) in enumerate(pictures):
+        figure = segmentation_figure(image, mask, pred, palette, class_names)
+        figure.savefig(Path(pictures_dir) / f"pred_{k}.png", format="png")
     return metric.compute()
 
 
-def run_evaluation(model, splits, device, out_dir, cfg: EvalConfig, workers: int = 0) -> dict:
+def run_evaluation(model, splits, device, out_dir, cfg: EvalConfig, workers: int = 0,
+                   process: Optional[distributed.Process] = None) -> dict:
     """Evaluate on ``splits.val``; writes ``per_class_iou.csv`` and ``pred_<k>.png`` into
-    ``out_dir``; returns mIoU, pixel accuracy and mean class accuracy."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ``out_dir``; returns mIoU, pixel accuracy and mean class accuracy. Under torchrun
+    (``process`` in a process group) every process evaluates its part of the split
+    (:func:`evaluate`) and returns the scores of the whole split; only process 0 writes (the
+    others' ``out_dir`` may be None). Every process must call it."""
+    process = process or distributed.Process()
+    out_dir = Path(out_dir) if process.is_main else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
     scores = evaluate(model, splits.val, device, splits.num_classes, cfg, pictures_dir=out_dir,
-                      palette=splits.palette, class_names=splits.class_names, workers=workers)
-    write_per_class_csv(out_dir / "per_class_iou.csv", splits.class_names, scores["per_class_iou"])
+                      palette=splits.palette, class_names=splits.class_names, workers=workers, process=process)
+    if out_dir is not None:
+        write_per_class_csv(out_dir / "per_class_iou.csv", splits.class_names, scores["per_class_iou"])
     return {k: v for k, v in scores.items() if k != "per_class_iou"}

@@ -13,45 +13,36 @@ the data). Prints one line ``SUMMARY {json}``.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 
-from afan.checkpoint import CheckpointError
-from afan.cli import add_test_arguments, test_config, test_output
-from afan.config import ConfigError
-from afan.loading import DataError
-from afan.runtime import select_device
+from afan.cli import test_main, test_output
 from Segmentation.config import TrainConfig
 from Segmentation.data import build_datasets
 from Segmentation.evaluation import run_evaluation
 from Segmentation.models import load_model
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Evaluate a DeepLabv3+ checkpoint.")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint file to evaluate")
-    parser.add_argument("--model", help="architecture name, if it cannot be read off the file")
+def arguments(parser) -> None:
     parser.add_argument("--output-stride", type=int, choices=(8, 16), help="default: the one training recorded, else 16")
-    parser.add_argument("--out", help="folder for per_class_iou.csv and pred_*.png (default: test_<data> next to the "
-                                      "checkpoint, never over an earlier one)")
-    add_test_arguments(parser, "data. and eval.,")
-    args = parser.parse_intermixed_args(argv)
-    try:
-        cfg = test_config(TrainConfig, args, ("data", "eval"))
-        data_cfg, eval_cfg = cfg.data, cfg.eval
-        splits = build_datasets(data_cfg, seed=cfg.seed)
-        device = select_device(args.device)
-        model = load_model(args.checkpoint, name=args.model, num_classes=splits.num_classes,
-                           output_stride=args.output_stride).to(device)
-    except (ConfigError, DataError, CheckpointError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    out = test_output(args, data_cfg.name)
-    metrics = run_evaluation(model, splits, device, out, eval_cfg, workers=data_cfg.workers)
-    print("SUMMARY " + json.dumps({"checkpoint": args.checkpoint, "data": data_cfg.name, **metrics,
-                                   "out": str(out)}), flush=True)
-    return 0
+
+
+def load(args, splits, device):
+    return load_model(args.checkpoint, name=args.model, num_classes=splits.num_classes,
+                      output_stride=args.output_stride).to(device)
+
+
+def score(args, cfg, splits, model, device) -> dict:
+    out = test_output(args, cfg.data.name)
+    metrics = run_evaluation(model, splits, device, out, cfg.eval, workers=cfg.data.workers)
+    return {**metrics, "out": str(out)}
+
+
+def main(argv=None) -> int:
+    return test_main(argv, description="Evaluate a DeepLabv3+ checkpoint.", config_cls=TrainConfig,
+                     sections=("data", "eval"), build_datasets=build_datasets, load=load, score=score,
+                     model_help="architecture name, if it cannot be read off the file",
+                     out_help="folder for per_class_iou.csv and pred_*.png (default: test_<data> next to the "
+                              "checkpoint, never over an earlier one)", arguments=arguments)
 
 
 if __name__ == "__main__":

@@ -24,11 +24,9 @@ import afan
 from afan import distributed
 from afan.checkpoint import save_checkpoint
 from afan.cli import train_main, warn_random_backbone
-from afan.guard import TrainingGuard, guarded_step
-from afan.loading import iteration_batches
-from afan.rundir import (LogWindow, RunDir, continue_run, log_line, perturbation_sizes, progress,
-                         save_training_state, write_summary)
-from afan.runtime import compile_parts, grad_scaler, resolve_precision, seed_everything
+from afan.loop import Job, launcher, run_loop
+from afan.rundir import perturbation_sizes
+from afan.runtime import compile_parts, seed_everything
 from Segmentation.config import OptimConfig, TrainConfig
 from Segmentation.data import build_datasets, collate
 from Segmentation.evaluation import run_evaluation
@@ -93,10 +91,12 @@ def _pixel_accuracy(logits, masks) -> float:
     return ((logits.argmax(1) == masks) & valid).sum().item() / max(valid.sum().item(), 1)
 
 
-def run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
-    """Train (or continue) the run described by ``cfg``; returns the summary (under torchrun:
-    on process 0; the others return an empty dict)."""
-    return distributed.launch(_train, cfg, resume=resume, overwrite=overwrite)
+def step_values(result, batch, mode: str) -> dict:
+    """A step's logged numbers: loss and terms, training pixel accuracy, perturbation sizes."""
+    return {"loss": result.loss.item(), **{k: v.item() for k, v in result.losses.items()},
+            "train_pixel_acc": _pixel_accuracy(result.logits.detach(), batch[1]),
+            **perturbation_sizes("se" if mode == "afan" else "pixel", result.perturbation),
+            **perturbation_sizes("sd", result.sd_perturbation)}
 
 
 def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bool, overwrite: bool) -> dict:
@@ -105,94 +105,39 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
     if process.is_main:
         warn_random_backbone(cfg)
     model = build_model(cfg, splits.num_classes, device)
-    run_step = distributed.step_runner(model, lambda m, images, masks: training_step(m, images, masks, cfg),
-                                       process, device, sync_bn=cfg.sync_bn)
-    # Only process 0 writes; the others read the checkpoint they resume from.
-    run_dir = RunDir(cfg.out, resume=resume, overwrite=overwrite) if process.is_main else None
     optimizer = make_optimizer(model, cfg.optim)
     scheduler = make_scheduler(optimizer, cfg.iterations, cfg.optim)
-
-    precision = resolve_precision(cfg.precision, device)
-    scaler = grad_scaler(precision, device)
-
-    start, best, skipped, final_metrics = 0, -1.0, 0, None
-    if resume:
-        state = continue_run(cfg.out, run_dir, model, optimizer, scheduler, position="iteration", process=process,
-                             scaler=scaler)
-        start, best, skipped = state["iteration"], state["best_miou"], state.get("skipped_steps", 0)
-    if run_dir:
-        run_dir.save_config(cfg)
-
-    # The same endless shuffle continues after a resume; each process takes its part of every
-    # global batch.
-    batches = iteration_batches(splits.train, cfg.batch_size, process, seed=cfg.seed, start=start * cfg.batch_size,
-                                workers=cfg.data.workers, collate_fn=collate)
     quiet_eval = type(cfg.eval)(**{**vars(cfg.eval), "save_images": 0})
-    model.train()
-    window = LogWindow()
-    guard = TrainingGuard(process, device, on_nonfinite=cfg.on_nonfinite, last_checkpoint=Path(cfg.out) / RunDir.LAST,
-                          skipped=skipped)
-    with guard:
-        bar = progress(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc=cfg.mode,
-                       disable=None if process.is_main else True)
-        for iteration in bar:
-            images, masks = next(batches)
-            images, masks = images.to(device, memory_format=memory_format(cfg)), masks.to(device)
-            done = iteration + 1
-            result = guarded_step(run_step, (images, masks), guard, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                                  precision=precision, device=device, where=f"iteration {done}")
-            window.add({"loss": result.loss.item(), **{k: v.item() for k, v in result.losses.items()},
-                        "train_pixel_acc": _pixel_accuracy(result.logits.detach(), masks),
-                        **perturbation_sizes("se" if cfg.mode == "afan" else "pixel", result.perturbation),
-                        **perturbation_sizes("sd", result.sd_perturbation)})
-            bar.set_postfix(loss=f"{result.loss.item():.4g}", refresh=False)
-            log_now = done % cfg.log_every == 0 or done == cfg.iterations
-            eval_now = bool(cfg.eval_every) and (done % cfg.eval_every == 0 or done == cfg.iterations)
-            if log_now or eval_now:
-                means = window.close(process, device)  # every process comes here at the same iterations
-            if run_dir:
-                scores = {}
-                if eval_now:
-                    # The last evaluation is the final one (same weights): it saves the
-                    # pictures, and the end of the run reuses its scores.
-                    last = done == cfg.iterations
-                    scores = run_evaluation(model, splits, device, run_dir.path, cfg.eval if last else quiet_eval,
-                                            workers=cfg.data.workers)
-                    if last:
-                        final_metrics = dict(scores)
-                    window.restart_clock()  # seconds per iteration count training only
-                    if scores["miou"] > best:
-                        best = scores["miou"]
-                        save_checkpoint({**checkpoint_payload(afan.strip_aux_bn(model)), "iteration": done, **scores},
-                                        run_dir.best_checkpoint)
-                if log_now or eval_now:
-                    lr = optimizer.param_groups[-1]["lr"]
-                    scores = {f"val_{k}": v for k, v in scores.items()}
-                    run_dir.metrics.log(iteration=done, lr=lr, **means, **scores, **guard.counts())
-                    log_line(done, cfg.iterations, lr, {**means, **scores})
-            if done % cfg.checkpoint_every == 0 or done == cfg.iterations or guard.stop_requested:
-                save_training_state(run_dir, process, checkpoint_payload(model), optimizer, scheduler, cfg,
-                                    scaler=scaler, iteration=done, best_miou=best, **guard.counts(always=True))
-            # The other processes' next step (its gradient averaging) waits for process 0 here.
-            if guard.stop_requested:
-                guard.stop(f"iteration {done}")
-    if not run_dir:
-        return {}
-    if run_dir.metrics.rows():
-        run_dir.metrics.plot(run_dir.file("curves.png"), x="iteration")
 
+    def to_device(batch):
+        images, masks = batch
+        return images.to(device, memory_format=memory_format(cfg)), masks.to(device)
+
+    def evaluate(model, last):
+        # The last evaluation is the final one (same weights): it saves the pictures.
+        return run_evaluation(model, splits, device, cfg.out, cfg.eval if last else quiet_eval,
+                              workers=cfg.data.workers, process=process)
+
+    finished = run_loop(Job(cfg, model, optimizer, scheduler, splits.train,
+                            step=lambda m, images, masks: training_step(m, images, masks, cfg), to_device=to_device,
+                            step_values=lambda result, batch: step_values(result, batch, cfg.mode),
+                            evaluate=evaluate, best_key="miou", payload=checkpoint_payload,
+                            iterations=cfg.iterations, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+                            eval_every=cfg.eval_every, collate_fn=collate, lr_group=-1),
+                        process, device, resume=resume, overwrite=overwrite)
     final = afan.strip_aux_bn(model)
+    metrics = finished.final_scores
+    if metrics is None:  # no evaluation at the last iteration (or resumed after it)
+        metrics = run_evaluation(final, splits, device, cfg.out, cfg.eval, workers=cfg.data.workers, process=process)
+    run_dir = finished.run_dir
+    if run_dir is None:
+        return {}
     save_checkpoint(checkpoint_payload(final), run_dir.file("final.pth"))
-    if final_metrics is None:  # no evaluation at the last iteration (or resumed after it)
-        final_metrics = run_evaluation(final, splits, device, run_dir.path, cfg.eval, workers=cfg.data.workers)
-    metrics = final_metrics
-    rows = run_dir.metrics.rows()
-    times = [r["sec_per_iter"] for r in rows if r.get("sec_per_iter") is not None]
-    summary = {"mode": cfg.mode, "model": cfg.model.name, "data": cfg.data.name, "iterations": cfg.iterations,
-               **metrics, "best_miou": max(best, metrics["miou"]),
-               "sec_per_iter": sum(times) / max(len(times), 1), **guard.counts(), "out": str(run_dir.path)}
-    write_summary(run_dir, summary)
-    return summary
+    return finished.summary(cfg.model.name, iterations=cfg.iterations, **metrics,
+                            best_miou=max(finished.best, metrics["miou"]), sec_per_iter=finished.mean("sec_per_iter"))
+
+
+run = launcher(_train)
 
 
 def main(argv=None) -> int:

@@ -12,11 +12,14 @@ import contextlib
 import os
 import pickle
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from afan.norm import strip_aux_state_dict
 
 
 class CheckpointError(RuntimeError):
@@ -190,3 +193,54 @@ def resolve_num_classes(path, requested: Optional[int], declared: Optional[int],
     if requested is not None and declared is not None and requested != declared:
         raise CheckpointError(f"{path} holds a model for {declared} classes, but num_classes={requested} was asked for")
     return requested or declared
+
+
+@dataclass(frozen=True)
+class ModelFormat:
+    """How one task's model files are read by :func:`load_model_file`."""
+
+    names: Sequence[str]  # the architectures, listed when a file does not say which it holds
+    check_name: Callable[[str], object]  # raises ValueError for a name the task does not know
+    # unpack(path, checkpoint) -> (state dict, recorded architecture, declared class count,
+    # recorded build keywords), the unknown ones None / {}; a CheckpointError for a foreign file
+    unpack: Callable
+    classifier: Callable[[str, Mapping], Optional[torch.Tensor]]  # (name, state) -> its classifier weight
+    build: Callable  # build(name, num_classes, **keywords) -> the model
+    infer_arch: Callable[[Mapping], Optional[str]] = lambda state: None  # the architecture off the keys
+    prepare: Callable[[str, Mapping], dict] = lambda name, state: dict(state)  # a state into the model's names
+    # Keys that may be missing from or extra in a file (e.g. BatchNorm's step counters).
+    optional: Callable[[str], bool] = lambda key: False
+    describe: Callable = lambda model: f"{model.arch} with {model.num_classes} classes"  # in the fit error
+    fit_hint: str = "Is it a checkpoint of another architecture? Name the right one (--model NAME, or name= in Python)"
+
+
+def load_model_file(path, fmt: ModelFormat, name: Optional[str] = None, num_classes: Optional[int] = None,
+                    **keywords):
+    """The model stored at ``path`` in eval mode, with plain BatchNorm: every task's loader.
+
+    ``name`` and ``num_classes`` are read from the file (or its keys) when not given; given,
+    they must agree with it. ``keywords`` override the build keywords the file recorded.
+    ``module.`` prefixes and auxiliary-BN entries (``*.aux_bn.*``) are dropped. Every problem
+    is one CheckpointError naming the file; nothing is loaded partially."""
+    path = Path(path)
+    if name is not None:
+        fmt.check_name(name)  # a bad argument is reported before the file is read
+    state, arch, declared, recorded = fmt.unpack(path, load_checkpoint(path))
+    state = {k.removeprefix("module."): v for k, v in strip_aux_state_dict(state).items()}
+    name = resolve_architecture(path, name, arch or fmt.infer_arch(state), fmt.check_name, fmt.names)
+    num_classes = resolve_num_classes(path, num_classes, declared, fmt.classifier(name, state))
+    state = fmt.prepare(name, state)
+    settings = {**recorded, **keywords}
+    try:
+        # Without a classifier weight the count is unknown; the key check then fails anyway.
+        model = fmt.build(name, num_classes or 2, **settings)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: cannot build {name} with {settings}: {error}") from None
+    expected = model.state_dict()
+    state = {k: v for k, v in state.items() if k in expected or not fmt.optional(k)}
+    problems = key_mismatches(expected, state, optional=fmt.optional)
+    if problems:
+        raise CheckpointError(f"{path} does not fit {fmt.describe(model)}; " + "; ".join(problems) + ". "
+                              + fmt.fit_hint)
+    model.load_state_dict(state, strict=False)  # strict up to the optional keys, checked above
+    return model.eval()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import math
 import os
 import signal
@@ -17,6 +18,7 @@ from afan.config import ConfigError, add_config_arguments, config_yaml, load_con
 from afan.guard import NonFiniteLoss, StopRequested
 from afan.loading import DataError
 from afan.rundir import CONFIG_NAME, RunDir
+from afan.runtime import select_device
 
 
 def config_path(given, configs: Path):
@@ -113,6 +115,36 @@ def _number(kind: type, least, name: str):
 positive_int = _number(int, 1, "a positive integer")
 non_negative_int = _number(int, 0, "an integer >= 0")
 non_negative_float = _number(float, 0.0, "a finite number >= 0")
+
+
+def test_main(argv, *, description: str, config_cls, sections: tuple[str, ...], build_datasets: Callable,
+              load: Callable, score: Callable, model_help: str, out_help: str = "",
+              arguments: Callable = lambda parser: None) -> int:
+    """A task's ``test.py``: parse ``--checkpoint``, ``--model``, ``--out`` (where ``out_help``
+    describes it), the task's own ``arguments(parser)`` and the shared ones
+    (``add_test_arguments``); build the data of the run's settings (``test_config``) and the
+    model, ``load(args, splits, device)``; then print ``SUMMARY {json}`` of
+    ``score(args, cfg, splits, model, device)``. Bad input (settings, data, checkpoint) is one
+    ``error:`` line on stderr and exit status 2, before anything is evaluated."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--checkpoint", required=True, help="checkpoint file to evaluate")
+    parser.add_argument("--model", help=model_help)
+    if out_help:
+        parser.add_argument("--out", help=out_help)
+    arguments(parser)
+    add_test_arguments(parser, " and ".join(f"{section}." for section in sections))
+    args = parser.parse_intermixed_args(argv)
+    try:
+        cfg = test_config(config_cls, args, sections)
+        splits = build_datasets(cfg.data, seed=cfg.seed)
+        device = select_device(args.device)
+        model = load(args, splits, device)
+    except (ConfigError, DataError, CheckpointError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    result = score(args, cfg, splits, model, device)
+    print("SUMMARY " + json.dumps({"checkpoint": args.checkpoint, "data": cfg.data.name, **result}), flush=True)
+    return 0
 
 
 def add_test_arguments(parser: argparse.ArgumentParser, sections: str) -> None:

@@ -16,11 +16,16 @@ one module (:class:`StepModule`): DDP then averages the gradients of the step's 
 attacks take gradients only towards features (``torch.autograd.grad``), which DDP does not see.
 Without SyncBatchNorm each process normalises its own part of the batch, and BatchNorm running
 statistics follow process 0 (DDP broadcasts them at every step).
+
+Evaluation is sharded: each process predicts its :func:`shard` of the evaluation set, the
+counts (or predictions) are summed (or gathered) over the processes, and every process ends with
+the scores one process would have computed on the whole set; files are written by process 0.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -29,10 +34,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset, Subset
 
 from afan.config import ConfigError
 from afan.norm import AuxBatchNorm2d
 from afan.runtime import select_device
+
+# How long a process waits in a collective for the others. An evaluation's files and figures
+# (detections.json, per-class CSVs, pictures) are written by process 0 alone while the others
+# wait for its result; on a large test split that can outlast the defaults (10 minutes for NCCL,
+# 30 for gloo). The price is that a process that really hangs is noticed this late.
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=2)
 
 
 @dataclass(frozen=True)
@@ -44,7 +56,7 @@ class Process:
 
     @property
     def is_main(self) -> bool:
-        """Logging, checkpoints and evaluation happen here only."""
+        """Logging, checkpoints and evaluation files happen here only."""
         return self.rank == 0
 
 
@@ -59,7 +71,7 @@ def start(device_name: str) -> tuple[Process, torch.device]:
         device = torch.device("cuda", process.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
     return process, device
 
 
@@ -124,6 +136,9 @@ def step_runner(model: nn.Module, step: Callable, process: Process, device: torc
             raise ConfigError("sync_bn does not combine with auxiliary BN (advprop, afan.aux_bn); set sync_bn=false")
     if not process.distributed:
         return lambda *batch: step(model, *batch)
+    if sync_bn:
+        # Replaces the BatchNorm children in place (keeping their parameters, which the
+        # optimizer holds), so the task's own reference to the model sees them too.
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     wrapped = DistributedDataParallel(StepModule(model, step), device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -149,3 +164,39 @@ def sum_over_processes(values: list[float], device: torch.device) -> list[float]
     total = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(total)
     return total.tolist()
+
+
+def sum_tensor_over_processes(tensor: torch.Tensor, process: Process) -> torch.Tensor:
+    """``tensor`` replaced in place by its element-wise sum over all processes (e.g. confusion
+    matrices); unchanged in a single process. Every process must call it."""
+    if process.distributed:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def broadcast_object(value, process: Process):
+    """Process 0's ``value`` (any picklable object) on every process; every process must call
+    it, the others with any placeholder (e.g. None)."""
+    if not process.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shard(dataset: Dataset, process: Process) -> Dataset:
+    """This process's part of an evaluation set: every ``world_size``-th item from ``rank`` on
+    (the dataset itself in a single process). The parts are disjoint and cover the whole set;
+    they differ in length by at most one. The evaluation code reads only the items and the
+    length of a data set, which ``Subset`` keeps."""
+    if not process.distributed:
+        return dataset
+    return Subset(dataset, range(process.rank, len(dataset), process.world_size))
+
+
+def gather_shards(items: list, process: Process) -> list:
+    """The per-item results of every process's :func:`shard` (``items`` in the shard's order),
+    put back in the order of the whole data set, on every process; every process must call it."""
+    parts = gather(items, process)
+    # Item i of the data set is item i // world_size of the shard of process i % world_size.
+    return [part[k] for k in range(len(parts[0])) for part in parts if k < len(part)]

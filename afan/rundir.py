@@ -14,6 +14,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -232,6 +233,16 @@ def log_line(done: int, total: int, lr: float, means: dict) -> str:
     return line
 
 
+def epoch_line(row: dict, left: float) -> str:
+    """The progress line of an epoch's log row, ``epoch 3: iteration 12 lr 0.1 train_loss ...
+    ETA 1m40s`` (``left``: seconds), printed as :func:`log_line` prints. Returns it."""
+    line = (f"epoch {row['epoch']}: " + " ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch")
+            + f" ETA {duration(left)}")
+    tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()
+    return line
+
+
 def training_state(payload: dict, optimizer, scheduler, cfg, *, rngs: list[dict], scaler=None,
                    **progress_marks) -> dict:
     """What ``last.pth`` holds to continue a run exactly: the model ``payload`` (the task's
@@ -267,15 +278,19 @@ def restore_training_state(state: dict, model, optimizer, scheduler, scaler, pro
     set_rng_state(by_process[process.rank] if same_processes else state["rng"])
 
 
-def continue_run(out, run_dir, model, optimizer, scheduler, *, position: str, process, scaler=None) -> dict:
+def continue_run(out, run_dir, model, optimizer, scheduler, *, position: str, process, scaler=None,
+                 check=None) -> dict:
     """Restore ``out/last.pth`` into model, optimizer, scheduler and RNGs (on every process)
     and return it; ``run_dir`` (process 0 only, else None) drops the logged rows after the
-    checkpoint's ``position`` (e.g. ``"epoch"``, ``"iteration"``)."""
+    checkpoint's ``position`` (e.g. ``"iteration"``). ``check(state, path)``, if given, sees
+    the checkpoint first (raising CheckpointError for one it cannot continue)."""
     path = Path(out) / RunDir.LAST
     if not path.is_file():
         raise CheckpointError(f"cannot resume {out}: it has no {RunDir.LAST} (the run stopped before its first "
                               "checkpoint); start it again with --overwrite")
     state = load_checkpoint(path)
+    if check is not None:
+        check(state, path)
     problems = key_mismatches(model.state_dict(), state.get("model", {}))
     if problems:
         raise CheckpointError(f"{path} does not fit the model this run builds: {'; '.join(problems)}. "
@@ -330,3 +345,18 @@ class LogWindow:
         means["sec_per_iter"] = (time.perf_counter() - self.tic) / self.count
         self._start()
         return means
+
+    def state(self, process, device) -> Optional[dict]:
+        """The open window's sums over all processes and its step count, for a checkpoint
+        written inside a window (None when it is empty); every process must call it."""
+        if not self.count:
+            return None
+        totals = distributed.sum_over_processes(list(self.sums.values()), device)
+        return {"sums": dict(zip(self.sums, totals)), "count": self.count}
+
+    def restore(self, state: Optional[dict], process) -> None:
+        """Reopen the window a checkpoint carried: process 0 takes the sums of all processes,
+        so that :meth:`close` adds them up once."""
+        if state:
+            self.sums = {k: (v if process.is_main else 0.0) for k, v in state["sums"].items()}
+            self.count = state["count"]

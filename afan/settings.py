@@ -2,10 +2,19 @@
 settings' ranges and the AdvProp (pixel PGD) section."""
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from afan.norm import check_mask
+
+
+def unknown_name(what: str, name, names, note: str = "") -> ValueError:
+    """The error for a ``name`` not among ``names`` (``what``: e.g. "detection model"): the
+    closest valid name, ``note``, then every valid one."""
+    close = difflib.get_close_matches(str(name), list(names), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return ValueError(f"unknown {what} {name!r}.{hint}{note} Valid names: {', '.join(names)}")
 
 
 def _check_at_least(section, prefix: str, names, least) -> None:
@@ -58,6 +67,23 @@ class RunSettings:
 
 
 @dataclass
+class IterationRun(RunSettings):
+    """The settings of an iteration-based run (detection, segmentation), with its defaults
+    set by each task's ``TrainConfig``."""
+
+    mode: Literal["base", "afan", "advprop"] = "base"
+    iterations: int = 1000
+    batch_size: int = 8
+    checkpoint_every: int = 1000
+    log_every: int = 20
+    eval_every: int = 0  # also evaluate (and keep best.pth) every N iterations; 0: only at the end
+
+    def __post_init__(self):
+        check_positive(self, ("iterations", "batch_size", "checkpoint_every", "log_every"))
+        check_nonnegative(self, "", ("eval_every",))
+
+
+@dataclass
 class ReleaseSwitches:
     """The deliberate changes from the release that every task's A-FAN section offers; the
     defaults are the release's behaviour."""
@@ -72,6 +98,38 @@ class ReleaseSwitches:
     @property
     def freeze_attack_bn(self) -> bool:
         return self.attack_bn_stats == "frozen"
+
+
+@dataclass
+class SeSdConfig(ReleaseSwitches):
+    """The A-FAN section of detection and segmentation: SE (feature PGD after backbone stage
+    ``se_layer``, ``se_steps`` steps of ``gamma_se / 255``, ``n`` strengths mixed by ``mask``)
+    and SD (PGD on a late feature, ``sd_steps`` steps of ``gamma_sd / 255``; ``sd_mix``
+    re-normalises the clean SD feature with the adversarial statistics, ``sd_noise`` adds
+    uniform noise in ``[-1, 1] * gamma_sd * sd_noise``), the loss weight ``w`` of the
+    adversarial terms and ``aux_bn``. Each task subclasses it with its release's defaults and
+    its ``split_points``."""
+
+    split_points: ClassVar[tuple] = ()  # the task's valid ``se_layer`` names
+
+    se_layer: str = "layer3"
+    se_steps: int = 1
+    gamma_se: float = 1.0
+    n: int = 2
+    mask: str = "11"
+    sd: bool = True
+    sd_steps: int = 1
+    gamma_sd: float = 0.1
+    sd_mix: bool = False
+    sd_noise: float = 0.0
+    w: float = 0.3
+    aux_bn: bool = False  # adversarial passes through auxiliary BN
+
+    def __post_init__(self):
+        if self.se_layer not in self.split_points:
+            raise ValueError(f"afan.se_layer must be one of {list(self.split_points)}, got {self.se_layer!r}")
+        check_nonnegative(self, "afan", ("se_steps", "sd_steps", "gamma_se", "gamma_sd", "sd_noise"))
+        check_strengths(self)
 
 
 @dataclass

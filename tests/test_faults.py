@@ -95,8 +95,8 @@ def _assert_same_run(out, expected):
 
 
 @pytest.mark.parametrize("task, fault, at, saved", [
-    ("classification", "kill-step", 5, {"epoch": 0}),  # second step of the second epoch
-    ("classification", "kill-save", 2, {"epoch": 0}),  # while writing the end of the second epoch
+    ("classification", "kill-step", 5, {"iteration": 3}),  # second step of the second epoch
+    ("classification", "kill-save", 2, {"iteration": 3}),  # while writing the end of the second epoch
     ("segmentation", "kill-save", 2, {"iteration": 2}),  # while writing iteration 4's state
 ])
 def test_sigkill_keeps_the_last_checkpoint_and_resuming_ends_bit_identical(tmp_path, uninterrupted, task, fault,

@@ -15,9 +15,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from afan import strip_aux_state_dict
-from afan.checkpoint import (CheckpointError, key_mismatches, load_checkpoint, resolve_architecture,
-                             resolve_num_classes)
+from afan.checkpoint import CheckpointError, ModelFormat, load_model_file
 
 from .efficientnet import ARCHS as EFFICIENTNETS
 from .library import is_library_name
@@ -79,40 +77,26 @@ def _unpack(path: Path, checkpoint: Mapping):
     )
 
 
-def _check_keys(path: Path, model: nn.Module, state: Mapping) -> None:
-    """CheckpointError listing missing, unexpected and mis-shaped keys, if any."""
-    problems = key_mismatches(model.state_dict(), state)
-    if problems:
-        raise CheckpointError(
-            f"{path} does not fit {model.arch} with {model.num_classes} classes; "
-            + "; ".join(problems)
-            + ". Is it a checkpoint of another architecture? Name the right one (--model NAME, or name= in Python)"
-        )
+def _classifier(name: str, state: Mapping):
+    key = model_class(name).classifier_key
+    if key:
+        return state.get(key)
+    # A library model's classifier has no fixed key: it is the last matrix of the state dict.
+    return next((v for k, v in reversed(state.items()) if k.endswith(".weight") and v.dim() == 2), None)
+
+
+def _prepare(name: str, state: Mapping) -> dict:
+    if is_library_name(name) and not any(key.startswith("net.") for key in state):
+        return {f"net.{key}": value for key, value in state.items()}  # torchvision's or timm's own state dict
+    return dict(state)
+
+
+FORMAT = ModelFormat(names=MODEL_NAMES, check_name=model_class, unpack=_unpack, classifier=_classifier,
+                     build=create_model, prepare=_prepare)
 
 
 def load_model(path, name: Optional[str] = None, num_classes: Optional[int] = None) -> nn.Module:
-    """The model stored at ``path``, in eval mode, with plain BatchNorm.
-
-    ``name`` and ``num_classes`` are needed only where the file does not record them
-    (``name`` for plain state dicts); given anyway, they must agree with the file.
-    Auxiliary-BN entries (``*.aux_bn.*``) are dropped.
-    """
-    path = Path(path)
-    if name is not None:
-        model_class(name)  # a bad argument is reported before the file is read
-    state, arch, declared, norm = _unpack(path, load_checkpoint(path))
-    state = strip_aux_state_dict(state)
-    name = resolve_architecture(path, name, arch, model_class, MODEL_NAMES)
-    key = model_class(name).classifier_key
-    # A library model's classifier has no fixed key: it is the last matrix of the state dict.
-    classifier = state.get(key) if key else next((v for k, v in reversed(state.items())
-                                                  if k.endswith(".weight") and v.dim() == 2), None)
-    num_classes = resolve_num_classes(path, num_classes, declared, classifier)
-    # Without a classifier weight the class count is unknown; any count will do, as the
-    # key check then fails on the missing classifier anyway.
-    if is_library_name(name) and not any(key.startswith("net.") for key in state):
-        state = {f"net.{key}": value for key, value in state.items()}  # torchvision's or timm's own state dict
-    model = create_model(name, num_classes or 1, **norm)
-    _check_keys(path, model, state)
-    model.load_state_dict(state, strict=True)
-    return model.eval()
+    """The model stored at ``path``, in eval mode, with plain BatchNorm
+    (``afan.checkpoint.load_model_file``). ``name`` and ``num_classes`` are needed only where
+    the file does not record them (``name`` for plain state dicts)."""
+    return load_model_file(path, FORMAT, name, num_classes)

@@ -1,11 +1,11 @@
 """Model names, input normalisations and ``create_model``."""
 from __future__ import annotations
 
-import difflib
 import numbers
 
 from torch import nn
 
+from afan.settings import unknown_name
 from afan.input_norm import IMAGENET_MEAN, IMAGENET_STD
 
 from . import cifar_resnet, efficientnet, library, small_cnn, torchvision_resnet
@@ -31,12 +31,10 @@ def model_class(name: str) -> type:
         return efficientnet.TimmEfficientNet
     if library.is_library_name(name):  # tv:NAME / timm:NAME, checked when building
         return library.LibraryClassifier
-    close = difflib.get_close_matches(str(name), MODEL_NAMES, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    if str(name).startswith("tf_efficientnet"):
-        hint += " A weights tag follows a dot, e.g. 'tf_efficientnet_b0.ap_in1k' (AdvProp)."
-    raise ValueError(f"unknown model {name!r}.{hint} Valid names: {', '.join(MODEL_NAMES)}, or any torchvision "
-                     "or timm classifier as tv:NAME / timm:NAME (e.g. tv:resnet50, timm:convnext_atto)")
+    note = " A weights tag follows a dot, e.g. 'tf_efficientnet_b0.ap_in1k' (AdvProp)." \
+        if str(name).startswith("tf_efficientnet") else ""
+    raise unknown_name("model", name, [*MODEL_NAMES, "or any torchvision or timm classifier as tv:NAME / timm:NAME "
+                                                     "(e.g. tv:resnet50, timm:convnext_atto)"], note)
 
 
 def create_model(name: str, num_classes: int, input_norm: str = "auto", **kw) -> nn.Module:

@@ -20,7 +20,6 @@ A-FAN may perturb it (``split_points``, stage names inside ``backbone.body``).
 """
 from __future__ import annotations
 
-import difflib
 import numbers
 from collections import OrderedDict
 from typing import Optional, Sequence, Union
@@ -39,6 +38,8 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.misc import Conv2dNormActivation, FrozenBatchNorm2d
+
+from afan.settings import unknown_name
 
 from .backbone_weights import load_backbone_weights
 from .parts import roi_training_losses
@@ -76,9 +77,7 @@ AnchorSizes = Sequence[Union[int, Sequence[int]]]
 
 def check_name(name: str) -> str:
     if name not in ARCHS:
-        close = difflib.get_close_matches(str(name), MODEL_NAMES, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown detection model {name!r}.{hint} Valid names: {', '.join(MODEL_NAMES)}")
+        raise unknown_name("detection model", name, MODEL_NAMES)
     return name
 
 

@@ -16,7 +16,6 @@ convolutions, logits upsampled to image size). ``forward(x)`` is exactly
 """
 from __future__ import annotations
 
-import difflib
 import numbers
 from collections import OrderedDict
 from typing import NamedTuple
@@ -28,6 +27,7 @@ from torchvision.models import mobilenet_v2, resnet50, resnet101
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
 import afan
+from afan.settings import unknown_name
 from afan.input_norm import IMAGENET_MEAN, IMAGENET_STD, Normalize
 
 SPLIT_POINTS = ("layer1", "layer2", "layer3", "layer4")
@@ -119,9 +119,7 @@ MODEL_NAMES = tuple(BACKBONES)
 
 def check_name(name: str) -> str:
     if name not in BACKBONES:
-        close = difflib.get_close_matches(str(name), MODEL_NAMES, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown segmentation model {name!r}.{hint} Valid names: {', '.join(MODEL_NAMES)}")
+        raise unknown_name("segmentation model", name, MODEL_NAMES)
     return name
 
 

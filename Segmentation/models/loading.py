@@ -16,9 +16,7 @@ import torch
 from torch import nn
 from torchvision.models import MobileNet_V2_Weights, ResNet50_Weights, ResNet101_Weights
 
-from afan import strip_aux_state_dict
-from afan.checkpoint import (CheckpointError, key_mismatches, load_checkpoint, resolve_architecture,
-                             resolve_num_classes)
+from afan.checkpoint import CheckpointError, ModelFormat, key_mismatches, load_checkpoint, load_model_file
 
 from .deeplab import MODEL_NAMES, DeepLabV3Plus, check_name, create_model
 
@@ -65,30 +63,19 @@ def infer_arch(state: Mapping) -> Optional[str]:
     return None
 
 
+FORMAT = ModelFormat(names=MODEL_NAMES, check_name=check_name, unpack=_unpack,
+                     classifier=lambda name, state: state.get(DeepLabV3Plus.classifier_key),
+                     build=create_model,
+                     infer_arch=infer_arch)
+
+
 def load_model(path, name: Optional[str] = None, num_classes: Optional[int] = None,
                output_stride: Optional[int] = None) -> DeepLabV3Plus:
-    """The DeepLabv3+ stored at ``path``, in eval mode, with plain BatchNorm.
-
-    ``name`` and ``num_classes`` are read from the file (or its keys) when not given; given,
-    they must agree with it. ``output_stride`` is not visible in the weights (the same
-    weights run at 8 or 16): it defaults to the one recorded by training, else 16.
-    ``module.`` prefixes and auxiliary-BN entries (``*.aux_bn.*``) are dropped.
-    """
-    path = Path(path)
-    if name is not None:
-        check_name(name)  # a bad argument is reported before the file is read
-    state, arch, declared, recorded = _unpack(path, load_checkpoint(path))
-    state = {k.removeprefix("module."): v for k, v in strip_aux_state_dict(state).items()}
-    name = resolve_architecture(path, name, arch or infer_arch(state), check_name, MODEL_NAMES)
-    num_classes = resolve_num_classes(path, num_classes, declared, state.get(DeepLabV3Plus.classifier_key))
-    stride = output_stride or recorded.get("output_stride", 16)
-    model = create_model(name, num_classes or 2, output_stride=stride)
-    problems = key_mismatches(model.state_dict(), state, examples=_EXAMPLES)
-    if problems:
-        raise CheckpointError(f"{path} does not fit {name} with {model.num_classes} classes; "
-                              + "; ".join(problems) + ". Is it a checkpoint of another architecture? Name the right one (--model NAME, or name= in Python)")
-    model.load_state_dict(state, strict=True)
-    return model.eval()
+    """The DeepLabv3+ stored at ``path``, in eval mode, with plain BatchNorm
+    (``afan.checkpoint.load_model_file``). ``output_stride`` is not visible in the weights
+    (the same weights run at 8 or 16): it defaults to the one recorded by training, else 16."""
+    return load_model_file(path, FORMAT, name, num_classes,
+                           **({"output_stride": output_stride} if output_stride else {}))
 
 
 def _backbone_key(arch: str, key: str) -> str:
