@@ -39,8 +39,8 @@ from PIL import Image
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets, transforms
 
-from afan.loading import DataError, check_images, load_rgb, make_loader
-from afan.shapes import MIN_IMAGE_SIZE, ShapesDataset
+from afan_harness.loading import DataError, check_images, load_rgb, make_loader
+from afan_harness.shapes import MIN_IMAGE_SIZE, ShapesDataset
 
 __all__ = ["DataConfig", "DataError", "Splits", "build_datasets", "make_loader"]
 

@@ -1,22 +1,48 @@
-"""Accuracy of a classifier on a data loader, clean or under pixel PGD."""
+"""Accuracy of a classifier on a data loader: clean, under pixel PGD or under a feature attack."""
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-from afan import distributed
-from afan.rundir import progress
+import afan
+
+from afan_harness import distributed
+from afan_harness.rundir import progress
 from Classification.config import AdvPropConfig
 from Classification.steps import pixel_pgd
 
 
+def pgd_logits(model, attack: AdvPropConfig, bn: str = "main") -> Callable:
+    """``predict(x, y)``: the logits of PGD images made against the model in eval mode, the
+    attack's passes through its main or, with ``bn="aux"``, its auxiliary BN (AdvProp's
+    question: which BN should the attacker see); the logits always use the main BN."""
+    def predict(x, y):
+        with afan.use_aux_bn(model) if bn == "aux" else contextlib.nullcontext():
+            adversarial = pixel_pgd(model, x, y, attack)
+        return model(adversarial)
+    return predict
+
+
+def feature_logits(model, layer: str, gamma: float, steps: int) -> Callable:
+    """``predict(x, y)``: the logits of the model with the feature after ``layer`` moved by
+    ``steps`` sign-gradient steps of ``gamma / 255`` up the loss (the release's SE attack,
+    as its ``eval_sat_layers.py`` applies it to a trained model)."""
+    def predict(x, y):
+        h = model.head(x, layer)
+        h_adv = afan.feature_pgd(h, lambda f: F.cross_entropy(model.tail(f, layer), y), steps=steps,
+                                 step_size=gamma / 255)
+        return model.tail(h_adv, layer)
+    return predict
+
+
 def evaluate(model, loader, device, memory_format=torch.contiguous_format, *,
-             attack: Optional[AdvPropConfig] = None, desc: str = "eval",
+             predict: Optional[Callable] = None, desc: str = "eval",
              process: Optional[distributed.Process] = None) -> dict:
-    """Top-1/top-5 accuracy (fractions) and mean loss; with ``attack``, on PGD images made
-    against the model in eval mode.
+    """Top-1/top-5 accuracy (fractions) and mean loss of the model in eval mode; with
+    ``predict(x, y) -> logits`` (e.g. ``pgd_logits``, ``feature_logits``), of its logits.
 
     Under torchrun (``process`` in a process group) ``loader`` holds this process's part of the
     data, ``distributed.shard(dataset, process)``: the counts are summed over the processes,
@@ -27,10 +53,11 @@ def evaluate(model, loader, device, memory_format=torch.contiguous_format, *,
     for x, y in progress(loader, desc=desc, leave=False):
         x = x.to(device, memory_format=memory_format, non_blocking=True)
         y = y.to(device, non_blocking=True)
-        if attack is not None:
-            x = pixel_pgd(model, x, y, attack)
-        with torch.no_grad():
-            logits = model(x)
+        if predict is None:
+            with torch.no_grad():
+                logits = model(x)
+        else:
+            logits = predict(x, y).detach()
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top == y[:, None]

@@ -1,8 +1,11 @@
-"""Score a classifier checkpoint: top-1/top-5 on validation or test data, optionally under
-pixel PGD.
+"""Score a classifier checkpoint: top-1/top-5 on validation or test data, and on request its
+robustness: under input PGD (attacked through the main or the auxiliary BN), with the feature
+after a split point perturbed, and under common corruptions.
 
     python -m Classification.test --checkpoint runs/shapes_afan/best.pth
     python -m Classification.test --checkpoint AFAN_resnet56.pth.tar data.name=cifar10 --pgd-eps 2
+    python -m Classification.test --checkpoint runs/shapes_advprop/last.pth --pgd-eps 2 --pgd-bn aux \
+        --feature-layer layer2 --corruptions all
 
 The data settings are those of the run that wrote the checkpoint (its ``config.yaml``), so a
 run is scored on what it was trained and tested on; ``data.KEY=VALUE`` changes them, and the
@@ -16,47 +19,90 @@ import sys
 
 import torch
 
-from afan.cli import non_negative_float, non_negative_int, positive_int, test_main
-from Classification.config import AdvPropConfig, TrainConfig
+import afan
+from afan_harness.checkpoint import CheckpointError, load_checkpoint
+from afan_harness.cli import (non_negative_float, pgd_settings, positive_int, robustness_arguments, test_main,
+                              test_output)
+from afan_harness.robustness import corruption_sweep, save_sweep
+from Classification.config import TrainConfig
 from Classification.data import build_datasets, make_loader
-from Classification.evaluation import evaluate
+from Classification.evaluation import evaluate, feature_logits, pgd_logits
 from Classification.models import load_model
+from Classification.train import build_model
 
 
 def arguments(parser) -> None:
     parser.add_argument("--split", choices=("val", "test"), default="test")
     parser.add_argument("--batch-size", type=positive_int, default=256)
     parser.add_argument("--contiguous", action="store_true", help="NCHW instead of channels_last tensors")
-    parser.add_argument("--pgd-eps", type=non_negative_float, default=0.0, help="PGD radius in 1/255 (0: clean only)")
-    parser.add_argument("--pgd-steps", type=non_negative_int, default=10)
-    parser.add_argument("--pgd-step-size", type=non_negative_float, help="PGD step in 1/255 (default eps/4)")
+    robustness_arguments(parser)
+    parser.add_argument("--pgd-bn", choices=("main", "aux"), default="main",
+                        help="the BN the attack's passes use; aux needs a checkpoint with auxiliary BN (last.pth "
+                             "of an advprop or afan.aux_bn run)")
+    parser.add_argument("--feature-layer", help="also score with the feature after this split point perturbed")
+    parser.add_argument("--feature-gamma", type=non_negative_float, default=1.0,
+                        help="the feature attack's step, in 1/255 (the release's gamma)")
+    parser.add_argument("--feature-steps", type=positive_int, default=1)
 
 
 def layout(args) -> torch.memory_format:
     return torch.contiguous_format if args.contiguous else torch.channels_last
 
 
-def load(args, splits, device):
-    model = load_model(args.checkpoint, name=args.model, num_classes=splits.num_classes)
+def load_with_aux_bn(path, cfg: TrainConfig, num_classes: int, device) -> torch.nn.Module:
+    """The model of ``path`` with its auxiliary BN, built as the run built it (``cfg``)."""
+    state = load_checkpoint(path).get("model", {})
+    if len(afan.strip_aux_state_dict(state)) == len(state):
+        raise CheckpointError(f"{path} has no auxiliary BN (best.pth and final.pth keep the main BN only); for "
+                              "--pgd-bn aux pass the last.pth of a run with mode=advprop or afan.aux_bn=true")
+    model = build_model(cfg, num_classes, device)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def load(args, cfg, splits, device):
+    if args.pgd_bn == "aux":
+        model = load_with_aux_bn(args.checkpoint, cfg, splits.num_classes, device)
+    else:
+        model = load_model(args.checkpoint, name=args.model, num_classes=splits.num_classes)
+    if args.feature_layer is not None and args.feature_layer not in model.split_points:
+        raise ValueError(f"--feature-layer {args.feature_layer!r} is not a split point of {model.arch}; "
+                         f"valid: {', '.join(model.split_points[:12])}")
     return model.to(device, memory_format=layout(args))
 
 
 def score(args, cfg, splits, model, device) -> dict:
-    loader = make_loader(getattr(splits, args.split), args.batch_size, train=False, workers=cfg.data.workers,
-                         seed=cfg.seed)
-    result = {"split": args.split, **evaluate(model, loader, device, layout(args), desc=args.split)}
+    dataset = getattr(splits, args.split)
+
+    def accuracy(data, predict=None, desc=args.split) -> dict:
+        loader = make_loader(data, args.batch_size, train=False, workers=cfg.data.workers, seed=cfg.seed)
+        return evaluate(model, loader, device, layout(args), predict=predict, desc=desc)
+
+    result = {"split": args.split, **accuracy(dataset)}
     if args.pgd_eps > 0:
-        attack = AdvPropConfig(steps=args.pgd_steps, eps=args.pgd_eps, random_start=True,
-                               step_size=args.pgd_step_size or args.pgd_eps / 4)
-        robust = evaluate(model, loader, device, layout(args), attack=attack, desc="pgd")
-        result.update({f"pgd_{k}": v for k, v in robust.items()}, pgd_eps=args.pgd_eps, pgd_steps=args.pgd_steps)
+        robust = accuracy(dataset, pgd_logits(model, pgd_settings(args), args.pgd_bn), desc="pgd")
+        result.update({f"pgd_{k}": v for k, v in robust.items()}, pgd_eps=args.pgd_eps, pgd_steps=args.pgd_steps,
+                      pgd_bn=args.pgd_bn)
+    if args.feature_layer is not None:
+        attacked = accuracy(dataset, feature_logits(model, args.feature_layer, args.feature_gamma, args.feature_steps),
+                            desc="feature")
+        result.update({f"feature_{k}": v for k, v in attacked.items()}, feature_layer=args.feature_layer,
+                      feature_gamma=args.feature_gamma, feature_steps=args.feature_steps)
+    if args.corruptions:
+        rows = corruption_sweep(dataset, lambda data: accuracy(data, desc="corrupted")["top1"], args.corruptions,
+                                args.severities, seed=cfg.seed)
+        out = test_output(args, cfg.data.name)
+        save_sweep(rows, "top1", out)
+        result.update(corruption_top1=rows[-1]["score"], out=str(out))
     return result
 
 
 def main(argv=None) -> int:
     return test_main(argv, description="Evaluate a classification checkpoint.", config_cls=TrainConfig,
                      sections=("data",), build_datasets=build_datasets, load=load, score=score,
-                     model_help="architecture name, needed for plain state dicts", arguments=arguments)
+                     model_help="architecture name, needed for plain state dicts",
+                     out_help="folder for corruptions.csv and .png (default: test_<data> next to the checkpoint, "
+                              "never over an earlier one)", arguments=arguments)
 
 
 if __name__ == "__main__":

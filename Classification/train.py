@@ -1,4 +1,5 @@
-"""Train a classifier in one of three modes: ``base``, ``afan`` (feature PGD) or ``advprop``.
+"""Train a classifier in one of four modes: ``base``, ``afan`` (feature PGD), ``advprop`` or
+``learnable`` (the release's learnable multi-layer A-FAN).
 
     python -m Classification.train --config Classification/configs/cifar10_resnet56_afan.yaml
     python -m Classification.train --config Classification/configs/shapes_afan.yaml epochs=3
@@ -20,16 +21,16 @@ from pathlib import Path
 
 import torch
 import afan
-from afan import distributed
-from afan.cli import train_main
-from afan.config import ConfigError
-from afan.loop import Job, launcher, run_loop
-from afan.runtime import compile_parts, seed_everything
+from afan_harness import distributed
+from afan_harness.cli import train_main
+from afan_harness.config import ConfigError
+from afan_harness.loop import Job, launcher, run_loop
+from afan_harness.runtime import compile_parts, seed_everything
 from Classification.config import OptimConfig, TrainConfig
 from Classification.data import build_datasets, make_loader
 from Classification.evaluation import evaluate
 from Classification.models import checkpoint_payload, create_model, load_model
-from Classification.steps import advprop_step, afan_step, base_step
+from Classification.steps import LAYER_WEIGHTS, add_layer_weights, advprop_step, afan_step, base_step, learnable_step
 
 
 def lr_factor(iteration: int, iters_per_epoch: int, epochs: int, cfg: OptimConfig) -> float:
@@ -60,18 +61,35 @@ def build_model(cfg: TrainConfig, num_classes: int, device) -> torch.nn.Module:
         afan.convert_aux_norm(model, after=model.module_name(cfg.afan.layer))
     elif cfg.mode == "advprop":
         afan.convert_aux_norm(model)
+    elif cfg.mode == "learnable":
+        try:
+            add_layer_weights(model, cfg.learnable.layers)
+        except ValueError as error:
+            raise ConfigError(f"learnable.layers: {error}") from None
     model = model.to(device, memory_format=memory_format(cfg))
     compile_parts(model.parts_to_compile(), cfg.compile, device)
     return model
 
 
 def make_optimizer(model, cfg: TrainConfig, iters_per_epoch: int):
-    """SGD and its per-iteration schedule (warm-up, then step or cosine decay)."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+    """SGD and its per-iteration schedule (warm-up, then step or cosine decay). In learnable
+    mode the layer weights are a second group, as the release's own ``optimizer_w``: rate
+    ``learnable.w_lr`` throughout (no warm-up, no decay), the run's momentum, no weight
+    decay, and projected back to sum 1 after every step."""
+    prefix = LAYER_WEIGHTS + "."
+    groups = [{"params": [p for name, p in model.named_parameters() if not name.startswith(prefix)]}]
+    factors = [lambda it: lr_factor(it, iters_per_epoch, cfg.epochs, cfg.optim)]
+    if cfg.mode == "learnable":
+        weights = model.get_submodule(LAYER_WEIGHTS)
+        groups.append({"params": [weights.w], "lr": cfg.learnable.w_lr, "weight_decay": 0.0})
+        factors.append(lambda it: 1.0)
+    optimizer = torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda it: lr_factor(it, iters_per_epoch, cfg.epochs, cfg.optim))
-    return optimizer, scheduler
+    if cfg.mode == "learnable":
+        # After the update of both groups, as the release projects after both its optimizers' steps;
+        # a skipped step (non-finite loss or fp16 overflow) calls no hook.
+        optimizer.register_step_post_hook(lambda *_: weights.project_())
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
 
 
 def training_step(model, x, y, cfg: TrainConfig):
@@ -79,16 +97,21 @@ def training_step(model, x, y, cfg: TrainConfig):
         return afan_step(model, x, y, cfg.afan)
     if cfg.mode == "advprop":
         return advprop_step(model, x, y, cfg.advprop)
+    if cfg.mode == "learnable":
+        return learnable_step(model, x, y, cfg.learnable)
     return base_step(model, x, y)
 
 
 def step_values(result, batch) -> dict:
-    """A step's logged numbers: loss, accuracy and the mean L2 and L-infinity size of its perturbation."""
+    """A step's logged numbers: loss, accuracy, the mean L2 and L-infinity size of its
+    perturbation and, in learnable mode, the layer weights ``w_1`` ... ``w_K``."""
     y = batch[1]
     values = {"train_loss": result.loss.item(), "train_acc": (result.logits.argmax(1) == y).float().mean().item()}
     if result.perturbation is not None:
         delta = result.perturbation.flatten(1)
         values.update(pert_l2=delta.norm(dim=1).mean().item(), pert_linf=delta.abs().amax(dim=1).mean().item())
+    if result.weights is not None:
+        values.update({f"w_{k}": w for k, w in enumerate(result.weights.tolist(), start=1)})
     return values
 
 
@@ -134,7 +157,7 @@ run = launcher(_train)
 
 
 def main(argv=None) -> int:
-    return train_main(argv, config_cls=TrainConfig, run=run, description="Train a classifier (base, A-FAN or AdvProp).",
+    return train_main(argv, config_cls=TrainConfig, run=run, description="Train a classifier (base, A-FAN, AdvProp or learnable A-FAN).",
                       module="Classification.train", configs=Path(__file__).resolve().parent / "configs")
 
 

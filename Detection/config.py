@@ -1,12 +1,12 @@
 """Settings of a detection run: dataclass defaults, overridden by a YAML file and
-``key=value`` arguments (see ``afan.config``). Defaults are the VOC2007 release's."""
+``key=value`` arguments (see ``afan_harness.config``). Defaults are the VOC2007 release's."""
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Optional
 
-from afan.settings import AdvPropConfig, IterationRun, SeSdConfig, check_nonnegative
+from afan_harness.settings import AdvPropConfig, IterationRun, SeSdConfig
 from Detection.data import DataConfig
 from Detection.models.faster_rcnn import SPLIT_POINTS, check_name, model_settings
 
@@ -46,11 +46,12 @@ class ModelConfig:
 
 @dataclass
 class AfanConfig(SeSdConfig):
-    """A-FAN for detection (``afan.settings.SeSdConfig``), the VOC2007 release's settings
+    """A-FAN for detection (``afan_harness.settings.SeSdConfig``), the VOC2007 release's settings
     (``train_aug_final.py`` and ``sh/voc2007/clean50/090_final_setting1.sh``).
 
-    SE after ``se_layer``, with no random start and no projection, as released (``eps_se``
-    is kept for reference only), built from the clean feature detached. SD attacks the RoI
+    SE after ``se_layer``, with no random start and no projection by default, as released
+    (``random_start`` / ``project`` use the radii ``eps_se`` / ``eps_sd``), built from the
+    clean feature detached. SD attacks the RoI
     head's output (the box features the class and box linears read). ``only_roi`` is the
     release's ``--only_roi_sd``: the SD attack's loss is the RoI losses only, else also the
     RPN losses, which do not depend on the box features, so both give the same perturbation
@@ -66,12 +67,7 @@ class AfanConfig(SeSdConfig):
     mask: str = "0011"
     gamma_sd: float = 0.1
     w: float = 0.3  # weight of the SD loss (the release's sd_adv_loss_weight)
-    eps_se: float = 2.0
     only_roi: bool = True  # the SD attack's loss is the RoI losses only (no effect on its result)
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_nonnegative(self, "afan", ("eps_se",))
 
 
 @dataclass

@@ -21,7 +21,7 @@ width or height are dropped everywhere.  ``DataConfig.flip`` adds a random horiz
 
 Splits:
 
-* ``shapes``: the built-in :mod:`afan.shapes` detection scenes, written once per setting to
+* ``shapes``: the built-in :mod:`afan_harness.shapes` detection scenes, written once per setting to
   ``<root>/shapes_detection/{train,val}_<size>x<side>px_seed<seed>`` in COCO format and then
   read back by the same loader as COCO itself: train = ``train_size`` images of the Shapes "train" stream, test =
   ``val_size`` images of its "val" stream, ``image_size`` pixels a side (Shapes only).
@@ -51,11 +51,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from afan.shapes import SHAPE_CLASSES, ShapesDataset
+from afan_harness.shapes import SHAPE_CLASSES, ShapesDataset
 # One error class for the data of every task; the image reader and the worker seeding are the
 # classification ones (generic: open as RGB naming a bad file; seed numpy/random per worker).
-from afan import loading
-from afan.loading import DataError, check_images, load_rgb
+from afan_harness import loading
+from afan_harness.loading import DataError, check_images, load_rgb
 
 __all__ = [
     "DataConfig", "DataError", "Splits", "EvalInfo", "CocoDetection", "VOCDetection",
@@ -327,11 +327,11 @@ def write_shapes_coco(folder: str | Path, split: str, size: int, image_size: int
     complete); every file is written to a temporary name and renamed, so two jobs writing the
     same folder at once leave whole files. Returns the JSON path; nothing is written when the
     JSON already records the same parameters in its ``info``. Category ids are ``1..6`` in the
-    order of :data:`afan.shapes.SHAPE_CLASSES`; annotation ids start at 1.
+    order of :data:`afan_harness.shapes.SHAPE_CLASSES`; annotation ids start at 1.
     """
     out = Path(folder) / f"{split}_{int(size)}x{int(image_size)}px_seed{int(seed)}"
     path = out / "instances.json"
-    params = {"generator": "afan.shapes", "format": _SHAPES_FORMAT, "split": split, "size": int(size),
+    params = {"generator": "afan_harness.shapes", "format": _SHAPES_FORMAT, "split": split, "size": int(size),
               "image_size": int(image_size), "seed": int(seed), "max_shapes": 3}
     if path.is_file():
         try:
@@ -534,5 +534,5 @@ def collate(batch):
 
 
 def make_loader(dataset: Dataset, batch_size: int, **kwargs) -> DataLoader:
-    """``afan.loading.make_loader`` for detection: batches are lists (images differ in size)."""
+    """``afan_harness.loading.make_loader`` for detection: batches are lists (images differ in size)."""
     return loading.make_loader(dataset, batch_size, collate_fn=collate, **kwargs)

@@ -28,9 +28,9 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from afan import distributed
-from afan.checkpoint import atomic_open
-from afan.rundir import progress
+from afan_harness import distributed
+from afan_harness.checkpoint import atomic_open
+from afan_harness.rundir import progress
 from Detection.data import make_loader
 
 __all__ = ["voc_ap", "voc_eval", "coco_eval", "evaluate", "save_per_class_csv", "save_coco_json",
@@ -361,9 +361,11 @@ def save_coco_json(detections: Mapping, eval_info, path) -> Path:
 # A model on a test split
 
 
-def predict(model, dataset, device, batch_size: int = 4, process: Optional[distributed.Process] = None) -> dict:
+def predict(model, dataset, device, batch_size: int = 4, process: Optional[distributed.Process] = None,
+            attack=None) -> dict:
     """image_id -> {"boxes", "labels", "scores"} (CPU tensors) for every image of ``dataset``,
-    in the data set's order; the model is left in the mode it was in (training goes on after an
+    in the data set's order, or with ``attack(images, targets) -> images`` (e.g. input PGD)
+    of the images it makes; the model is left in the mode it was in (training goes on after an
     evaluation). Under torchrun (``process`` in a process group) each process predicts its
     ``distributed.shard`` of ``dataset`` (pass the whole data set) and every process returns the
     detections of all images; every process must call it."""
@@ -372,11 +374,15 @@ def predict(model, dataset, device, batch_size: int = 4, process: Optional[distr
     model.eval()
     found = []
     loader = make_loader(distributed.shard(dataset, process), batch_size, train=False, workers=0, seed=0)
-    with torch.no_grad():
-        for images, targets in progress(loader, desc="predict", leave=False):
-            outputs = model([image.to(device) for image in images])
-            for target, output in zip(targets, outputs):
-                found.append((int(target["image_id"]), {k: v.cpu() for k, v in output.items()}))
+    for images, targets in progress(loader, desc="predict", leave=False):
+        images = [image.to(device) for image in images]
+        if attack is not None:
+            targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+            images = attack(images, targets)
+        with torch.no_grad():
+            outputs = model(images)
+        for target, output in zip(targets, outputs):
+            found.append((int(target["image_id"]), {k: v.cpu() for k, v in output.items()}))
     model.train(was_training)
     # The data set's order, as one process would have it: VOC matching breaks score ties by it.
     return dict(distributed.gather_shards(found, process))

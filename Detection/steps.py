@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 import afan
-from afan.settings import AdvPropConfig
+from afan_harness.settings import AdvPropConfig
 from Detection.config import AfanConfig
 from Detection.models.parts import RoiSample, Targets, forward_losses, head, predictor_losses, prepare, tail
 
@@ -46,8 +46,11 @@ def base_step(model, images: list[Tensor], targets: Targets) -> StepResult:
     return StepResult(_total(losses), _detached(losses))
 
 
-def se_attack(model, feats, at: str, image_list, targets: Targets, cfg: AfanConfig) -> Tensor:
-    """Feature PGD on ``feats[at]`` against the total detection loss of the tail (SE).
+def se_attack(model, feats, at: str, image_list, targets: Targets, cfg: AfanConfig, *,
+              gamma: Optional[float] = None, eps: Optional[float] = None) -> Tensor:
+    """Feature PGD on ``feats[at]`` against the total detection loss of the tail (SE):
+    ``se_steps`` steps of ``gamma / 255`` (default ``gamma_se``), with the random start and
+    projection of ``cfg`` in the radius ``eps / 255`` (default ``eps_se``).
 
     Each step re-runs RPN and RoI sampling, as the release's full forward passes did.
     Leaves parameter ``.grad`` untouched; with ``attack_bn_stats="frozen"`` also the BN
@@ -60,9 +63,10 @@ def se_attack(model, feats, at: str, image_list, targets: Targets, cfg: AfanConf
     def loss_fn(feature):
         return _total(tail(model, {**fixed, at: feature}, at, image_list, targets))
 
+    step_size = (cfg.gamma_se if gamma is None else gamma) / 255
     with afan.frozen_bn_stats(model, cfg.freeze_attack_bn), afan.use_aux_bn(model, enabled=cfg.aux_bn):
-        return afan.feature_pgd(feats[at], loss_fn, steps=cfg.se_steps, step_size=cfg.gamma_se / 255,
-                                eps=cfg.eps_se / 255)
+        return afan.feature_pgd(feats[at], loss_fn, steps=cfg.se_steps, step_size=step_size,
+                                **cfg.pgd(cfg.eps_se if eps is None else eps))
 
 
 def sd_attack(model, sample: RoiSample, rpn_losses: Tensor, cfg: AfanConfig) -> Tensor:
@@ -76,7 +80,34 @@ def sd_attack(model, sample: RoiSample, rpn_losses: Tensor, cfg: AfanConfig) -> 
         return _total(predictor_losses(model.roi_heads, box_features, sample.labels, sample.regression_targets)) + constant
 
     with afan.frozen_bn_stats(model, cfg.freeze_attack_bn), afan.use_aux_bn(model, enabled=cfg.aux_bn):
-        return afan.feature_pgd(sample.box_features, loss_fn, steps=cfg.sd_steps, step_size=cfg.gamma_sd / 255)
+        return afan.feature_pgd(sample.box_features, loss_fn, steps=cfg.sd_steps, step_size=cfg.gamma_sd / 255,
+                                **cfg.pgd(cfg.eps_sd))
+
+
+def sd_term(model, clean: dict[str, Tensor], roi: RoiSample, cfg: AfanConfig) -> tuple[Tensor, Tensor]:
+    """``L_sd`` of the clean pass's losses ``clean`` and RoIs ``roi`` (SD attack, optional
+    mixing and noise, the box predictor's losses, plus the clean RPN losses) and the SD
+    perturbation."""
+    clean_box = roi.box_features.detach()
+    rpn_losses = clean["loss_objectness"] + clean["loss_rpn_box_reg"]
+    box_adv = sd_attack(model, roi, rpn_losses, cfg)
+    # As released, the SD feature is detached: its RoI losses train the class and box
+    # linears, and L_sd adds the clean pass's RPN losses.
+    sd_feature = afan.mix_statistics(clean_box, box_adv) if cfg.sd_mix else box_adv
+    if cfg.sd_noise:
+        noise = torch.rand_like(sd_feature) * 2 - 1
+        sd_feature = sd_feature + noise * (cfg.gamma_sd * cfg.sd_noise)
+    with afan.use_aux_bn(model, enabled=cfg.aux_bn):
+        loss_sd = _total(predictor_losses(model.roi_heads, sd_feature, roi.labels, roi.regression_targets))
+    return loss_sd + rpn_losses, box_adv - clean_box
+
+
+def input_pgd_term(model, images: list[Tensor], targets: Targets, cfg: AfanConfig) -> Tensor:
+    """``L(x_adv)``, the total detection loss of pixel PGD images (``cfg.input_pgd``, the
+    release's ``attack_algo.adv_input``), the attack's passes as A-FAN's (``attack_bn_stats``)."""
+    with afan.frozen_bn_stats(model, cfg.freeze_attack_bn):
+        adv = afan.pixel_pgd(images, lambda x: _total(forward_losses(model, x, targets)), **cfg.input_pgd.attack())
+    return _total(forward_losses(model, adv, targets))
 
 
 def afan_step(model, images: list[Tensor], targets: Targets, cfg: AfanConfig) -> StepResult:
@@ -89,14 +120,19 @@ def afan_step(model, images: list[Tensor], targets: Targets, cfg: AfanConfig) ->
     ``se_trains_head``), ``L_sd`` the RoI losses on the SD features (detached: they train the
     class and box linears) plus the clean RPN losses. The ``/ 3`` is the release's constant,
     kept as released (it is not ``/ (n + 1)``); without SD (``sd=False``) the loss is
-    ``(L_0 + ... + L_n) / 3``. ``losses`` holds the clean pass's four losses and ``loss_0``
-    ... ``loss_n``, ``loss_sd``.
+    ``(L_0 + ... + L_n) / 3``. With ``cfg.multi.layers`` the step is :func:`multi_layer_step`;
+    with ``cfg.input_pgd`` the PGD images' loss replaces ``L_0`` or is added (docs/method.md,
+    "The variants"). ``losses`` holds the clean pass's four losses and ``loss_0`` ... ``loss_n``,
+    ``loss_sd`` (and ``loss_input_pgd``).
     """
+    if cfg.multi.layers:
+        return multi_layer_step(model, images, targets, cfg)
+    pgd_loss = input_pgd_term(model, images, targets, cfg) if cfg.input_pgd.enabled else None
     image_list, targets = prepare(model, images, targets)
     at = cfg.se_layer
     feats = head(model, image_list.tensors, at)  # clean features, reused by every pass below
     clean, roi = tail(model, feats, at, image_list, targets, return_roi=True)
-    terms = {"loss_0": _total(clean)}
+    terms = {"loss_0": pgd_loss if cfg.input_pgd.replaces_clean else _total(clean)}
 
     # SE: attack, strengths, adversarial feature normalization, one tail pass each, each
     # back-propagated at once (its graph freed) towards the shared clean features. As
@@ -123,21 +159,67 @@ def afan_step(model, images: list[Tensor], targets: Targets, cfg: AfanConfig) ->
 
     sd_perturbation = None
     if cfg.sd:
-        clean_box = roi.box_features.detach()
-        rpn_losses = clean["loss_objectness"] + clean["loss_rpn_box_reg"]
-        box_adv = sd_attack(model, roi, rpn_losses, cfg)
-        sd_perturbation = box_adv - clean_box
-        # As released, the SD feature is detached: its RoI losses train the class and box
-        # linears, and L_sd adds the clean pass's RPN losses.
-        sd_feature = afan.mix_statistics(clean_box, box_adv) if cfg.sd_mix else box_adv
-        if cfg.sd_noise:
-            noise = torch.rand_like(sd_feature) * 2 - 1
-            sd_feature = sd_feature + noise * (cfg.gamma_sd * cfg.sd_noise)
-        with afan.use_aux_bn(model, enabled=cfg.aux_bn):
-            loss_sd = _total(predictor_losses(model.roi_heads, sd_feature, roi.labels, roi.regression_targets))
-        terms["loss_sd"] = loss_sd + rpn_losses
+        terms["loss_sd"], sd_perturbation = sd_term(model, clean, roi, cfg)
         loss = loss * (1 - cfg.w) + terms["loss_sd"] / 3 * cfg.w
+    if pgd_loss is not None:
+        terms["loss_input_pgd"] = pgd_loss
+    loss = cfg.input_pgd.total(loss, pgd_loss)
     return StepResult(loss, {**_detached(clean), **_detached(terms)}, (h_adv - h.detach()), sd_perturbation)
+
+
+def _adversarial_tail(model, names: list[str], at: str, h_adv: Tensor, mix: str, image_list, targets: Targets):
+    """The loss of the tail on ``h_adv`` (re-normalised to the clean statistics where ``mix``
+    is "1"), as a function of the shared features named ``names`` (for ``afan.backward_each``)."""
+    def loss(*inputs):
+        inputs = dict(zip(names, inputs))
+        feature = afan.mixed_strength(inputs[at], h_adv, 1, mix)
+        return _total(tail(model, {**inputs, at: feature}, at, image_list, targets))
+    return loss
+
+
+def multi_layer_step(model, images: list[Tensor], targets: Targets, cfg: AfanConfig) -> StepResult:
+    """SE at several backbone stages at once (``cfg.multi``; the release's
+    ``train_aug_muti_final.py``), the release's step and loss:
+
+    ``weights[0] L_0 + weights[1] L_1 + ... + weights[K] L_K + weights[K+1] L_sd``
+
+    For each stage ``k`` of ``multi.layers``: its clean feature (a head pass of its own, as
+    released), ``se_steps`` PGD steps of ``multi.gammas[k] / 255`` (``multi.eps[k] / 255``
+    for the random start and projection), the adversarial feature itself (mixed where
+    ``multi.mask[k]`` is "1") built from the clean feature detached (unless
+    ``se_trains_head``), one tail pass: ``L_k``. ``L_0`` and ``L_sd`` as in
+    :func:`afan_step` (``L_0``: the PGD images' loss with ``cfg.input_pgd``, the release's
+    ``train_aug_muti_advt.py``). ``losses``: the clean pass's four losses, ``loss_0``,
+    ``loss_<stage>`` for each stage, ``loss_sd`` (and ``loss_input_pgd``);
+    ``se_perturbation``: every stage's perturbation, flattened and concatenated per image.
+    """
+    m = cfg.multi
+    pgd_loss = input_pgd_term(model, images, targets, cfg) if cfg.input_pgd.enabled else None
+    image_list, targets = prepare(model, images, targets)
+    deepest = max(m.layers, key=model.split_points.index)
+    clean_feats = head(model, image_list.tensors, deepest)  # the clean pass's head, reused by its stage
+    clean, roi = tail(model, clean_feats, deepest, image_list, targets, return_roi=True)
+    terms = {"loss_0": pgd_loss if cfg.input_pgd.replaces_clean else _total(clean)}
+    loss = m.weights[0] * terms["loss_0"]
+    perturbations = []
+    for k, at in enumerate(m.layers):
+        feats = clean_feats if at == deepest else head(model, image_list.tensors, at)
+        h = feats[at]
+        h_adv = se_attack(model, feats, at, image_list, targets, cfg, gamma=m.gammas[k], eps=m.eps[k])
+        perturbations.append((h_adv - h.detach()).flatten(1))
+        shared = {**feats, at: h if cfg.se_trains_head else h.detach()}
+        stage_loss = _adversarial_tail(model, list(shared), at, h_adv, m.mask[k], image_list, targets)
+        total, (terms[f"loss_{at}"],) = afan.backward_each(list(shared.values()), [stage_loss], model.parameters())
+        loss = loss + m.weights[k + 1] * total
+
+    sd_perturbation = None
+    if cfg.sd:
+        terms["loss_sd"], sd_perturbation = sd_term(model, clean, roi, cfg)
+        loss = loss + m.weights[-1] * terms["loss_sd"]
+    if pgd_loss is not None:
+        terms["loss_input_pgd"] = pgd_loss
+    loss = cfg.input_pgd.total(loss, pgd_loss)
+    return StepResult(loss, {**_detached(clean), **_detached(terms)}, torch.cat(perturbations, 1), sd_perturbation)
 
 
 def pixel_pgd(model, images: list[Tensor], targets: Targets, cfg: AdvPropConfig) -> list[Tensor]:

@@ -13,25 +13,42 @@ from __future__ import annotations
 
 import sys
 
-from afan.cli import non_negative_int, test_main, test_output
+from afan_harness.cli import non_negative_int, pgd_settings, robustness_arguments, test_main, test_output
+from afan_harness.robustness import corruption_sweep, save_sweep
 from Detection.config import TrainConfig
 from Detection.data import build_datasets
-from Detection.evaluation import run_evaluation
+from Detection.evaluation import evaluate, predict, run_evaluation
 from Detection.models import load_model
+from Detection.steps import pixel_pgd
 
 
 def arguments(parser) -> None:
     parser.add_argument("--draw", type=non_negative_int, help="test images drawn with their predictions "
                                                               "(default: the run's draw_images)")
+    robustness_arguments(parser)
 
 
-def load(args, splits, device):
+def load(args, cfg, splits, device):
     return load_model(args.checkpoint, name=args.model, num_classes=splits.num_classes).to(device)
 
 
 def score(args, cfg, splits, model, device) -> dict:
     out = test_output(args, cfg.data.name)
     metrics = run_evaluation(model, splits, device, out, draw=cfg.draw_images if args.draw is None else args.draw)
+    key = "AP" if splits.eval_info.kind == "coco" else "mAP"
+
+    def score_of(dataset, attack=None) -> float:
+        return evaluate(splits.eval_info, predict(model, dataset, device, attack=attack), splits.class_names)[key]
+
+    if args.pgd_eps > 0:
+        attack = pgd_settings(args)
+        metrics.update({f"pgd_{key}": score_of(splits.test, lambda images, targets: pixel_pgd(model, images, targets,
+                                                                                             attack)),
+                        "pgd_eps": args.pgd_eps, "pgd_steps": args.pgd_steps})
+    if args.corruptions:
+        rows = corruption_sweep(splits.test, score_of, args.corruptions, args.severities, seed=cfg.seed)
+        save_sweep(rows, key, out)
+        metrics[f"corruption_{key}"] = rows[-1]["score"]
     return {**metrics, "out": str(out)}
 
 

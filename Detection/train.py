@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 
 import afan
-from afan import distributed
-from afan.checkpoint import save_checkpoint
-from afan.cli import train_main, warn_random_backbone
-from afan.loop import Job, launcher, run_loop
-from afan.rundir import perturbation_sizes
-from afan.runtime import compile_parts, seed_everything
+from afan_harness import distributed
+from afan_harness.checkpoint import save_checkpoint
+from afan_harness.cli import train_main, warn_random_backbone
+from afan_harness.loop import Job, launcher, run_loop
+from afan_harness.rundir import perturbation_sizes
+from afan_harness.runtime import compile_parts, seed_everything
 from Detection.config import OptimConfig, TrainConfig
 from Detection.data import build_datasets, collate
 from Detection.evaluation import run_evaluation

@@ -1,12 +1,12 @@
 """Settings of a segmentation run: dataclass defaults, overridden by a YAML file and
-``key=value`` arguments (see ``afan.config``). Defaults are the VOC2012 release's
+``key=value`` arguments (see ``afan_harness.config``). Defaults are the VOC2012 release's
 (DeepLabv3+ R-50, output stride 16, on DeepLabV3Plus-Pytorch's recipe)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from afan.settings import AdvPropConfig, IterationRun, SeSdConfig
+from afan_harness.settings import AdvPropConfig, InputPgdConfig, IterationRun, SeSdConfig
 from Segmentation.data import DataConfig
 from Segmentation.models.deeplab import OUTPUT_STRIDES, SD_LAYERS, SPLIT_POINTS, check_name
 
@@ -58,13 +58,14 @@ class OptimConfig:
 
 @dataclass
 class AfanConfig(SeSdConfig):
-    """A-FAN for DeepLabv3+ (``afan.settings.SeSdConfig``), the VOC2012 release's settings.
+    """A-FAN for DeepLabv3+ (``afan_harness.settings.SeSdConfig``), the VOC2012 release's settings.
 
     SE with no random start and no projection, as released. SD on ``sd_layer``, the ASPP
     output (``aspp``, the VOC release) or the decoder's concatenated feature (``concat``, the
     Cityscapes release). Loss: ``(1 - w) L_0 + w / k * (L_1 + ... + L_n + L_sd)`` with ``k``
     adversarial terms; the release's ``w = 0.3``, ``n = 2`` gives
-    ``0.7 L_0 + 0.1 L_1 + 0.1 L_2 + 0.1 L_sd``.
+    ``0.7 L_0 + 0.1 L_1 + 0.1 L_2 + 0.1 L_sd``. ``input_pgd`` defaults to the segmentation
+    release's pixel PGD (``main_aug_muti_advt.py``: 5 steps of 1/255 within 4/255).
     """
 
     split_points: ClassVar[tuple] = tuple(SPLIT_POINTS)
@@ -74,6 +75,7 @@ class AfanConfig(SeSdConfig):
     gamma_sd: float = 0.4
     w: float = 0.3  # total weight of the adversarial terms
     sd_layer: str = "aspp"
+    input_pgd: InputPgdConfig = field(default_factory=lambda: InputPgdConfig(step_size=1.0, eps=4.0))
 
     def __post_init__(self):
         super().__post_init__()

@@ -23,7 +23,7 @@ source pixel at non-integer scales).
 
 Splits:
 
-* ``shapes``: the built-in :mod:`afan.shapes` scenes, ``image_size`` pixels a side, 7 classes
+* ``shapes``: the built-in :mod:`afan_harness.shapes` scenes, ``image_size`` pixels a side, 7 classes
   (background and the six shapes): train = ``train_size`` images of the Shapes "train" stream,
   val = ``val_size`` images of its "val" stream.  The defaults of :class:`DataConfig` are the
   VOC release's; Shapes configs set ``crop_size: 0`` (the images already share one size) and
@@ -37,7 +37,7 @@ Splits:
 * ``cityscapes``: the fine annotations, train (2,975 images) / val (500), official label ids
   mapped to the 19 train ids, every other id to 255.
 
-Missing or malformed data stops with :class:`afan.loading.DataError` naming the file and the
+Missing or malformed data stops with :class:`afan_harness.loading.DataError` naming the file and the
 expected layout.  The list files and the existence of every listed file are checked when the
 data sets are built; a file is read (and its mask checked for unknown values and for the size of
 its image) when it is loaded.
@@ -58,9 +58,9 @@ from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 
-from afan import loading
-from afan.loading import DataError, check_images, load_rgb
-from afan.shapes import MIN_IMAGE_SIZE, SHAPE_CLASSES, ShapesDataset
+from afan_harness import loading
+from afan_harness.loading import DataError, check_images, load_rgb
+from afan_harness.shapes import MIN_IMAGE_SIZE, SHAPE_CLASSES, ShapesDataset
 
 __all__ = [
     "DataConfig", "DataError", "Splits", "SegmentationFiles", "ShapesSegmentation", "RandomScale",
@@ -479,5 +479,5 @@ def collate(batch):
 
 
 def make_loader(dataset: Dataset, batch_size: int, **kwargs) -> DataLoader:
-    """``afan.loading.make_loader`` (seeded order and augmentations) with :func:`collate`."""
+    """``afan_harness.loading.make_loader`` (seeded order and augmentations) with :func:`collate`."""
     return loading.make_loader(dataset, batch_size, collate_fn=collate, **kwargs)

@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Subset
 
-from afan import distributed
-from afan.rundir import progress
+from afan_harness import distributed
+from afan_harness.rundir import progress
 from Segmentation.config import EvalConfig
 from Segmentation.data import center_crop_view, make_loader
 from Segmentation.metrics import SegmentationMetric, colorize, write_per_class_csv
@@ -85,18 +85,23 @@ def segmentation_figure(image: Tensor, mask: Tensor, pred: Tensor, palette, clas
     return figure
 
 
-def _predictions(model, dataset, device, num_classes: int, cfg: EvalConfig, workers: int):
-    """(images, masks, predictions) on ``device``, batch by batch through ``dataset``."""
+def _predictions(model, dataset, device, num_classes: int, cfg: EvalConfig, workers: int, attack=None):
+    """(images, masks, predictions) on ``device``, batch by batch through ``dataset``; with
+    ``attack(images, masks) -> images``, of the attacked images."""
     loader = make_loader(dataset, cfg.batch_size, train=False, workers=workers, seed=0)
     for batch in progress(loader, desc="evaluate", leave=False):
         for images, masks in _batches(batch):
             images, masks = images.to(device), masks.to(device)
+            if attack is not None:
+                images = attack(images, masks)
             yield images, masks, predict(model, images, num_classes, cfg)
 
 
 def evaluate(model, dataset, device, num_classes: int, cfg: EvalConfig, *, pictures_dir=None,
-             palette=None, class_names=(), workers: int = 0, process: Optional[distributed.Process] = None) -> dict:
-    """Scores of ``model`` on ``dataset`` (see ``Segmentation.metrics.scores``); with
+             palette=None, class_names=(), workers: int = 0, process: Optional[distributed.Process] = None,
+             attack=None) -> dict:
+    """Scores of ``model`` on ``dataset`` (see ``Segmentation.metrics.scores``), or with
+    ``attack(images, masks) -> images`` (e.g. input PGD) on the images it makes; with
     ``pictures_dir``, the first ``cfg.save_images`` images are saved with ground truth and
     prediction as ``pred_<k>.png``. ``cfg.mode="crop"`` scores the centre crops of
     ``Segmentation.data.center_crop_view`` instead of the whole images.
@@ -115,14 +120,14 @@ def evaluate(model, dataset, device, num_classes: int, cfg: EvalConfig, *, pictu
     pictures = []  # (image, mask, prediction) of the first images, as far as they are known yet
     try:
         for images, masks, preds in _predictions(model, distributed.shard(dataset, process), device, num_classes, cfg,
-                                                 workers):
+                                                 workers, attack):
             metric.update(preds, masks)
             if pictures_dir is not None and not process.distributed:  # one process: its batches come in order
                 pictures.extend(zip(images, masks, preds))
                 del pictures[cfg.save_images:]
         if pictures_dir is not None and process.distributed and process.is_main:
             first = Subset(dataset, range(min(cfg.save_images, len(dataset))))
-            for images, masks, preds in _predictions(model, first, device, num_classes, cfg, workers=0):  # a few images
+            for images, masks, preds in _predictions(model, first, device, num_classes, cfg, 0, attack):  # a few images
                 pictures.extend(zip(images, masks, preds))
     finally:
         model.train(was_training)

@@ -15,18 +15,21 @@ from __future__ import annotations
 
 import sys
 
-from afan.cli import test_main, test_output
+from afan_harness.cli import pgd_settings, robustness_arguments, test_main, test_output
+from afan_harness.robustness import corruption_sweep, save_sweep
 from Segmentation.config import TrainConfig
 from Segmentation.data import build_datasets
-from Segmentation.evaluation import run_evaluation
+from Segmentation.evaluation import evaluate, run_evaluation
 from Segmentation.models import load_model
+from Segmentation.steps import pixel_pgd
 
 
 def arguments(parser) -> None:
     parser.add_argument("--output-stride", type=int, choices=(8, 16), help="default: the one training recorded, else 16")
+    robustness_arguments(parser)
 
 
-def load(args, splits, device):
+def load(args, cfg, splits, device):
     return load_model(args.checkpoint, name=args.model, num_classes=splits.num_classes,
                       output_stride=args.output_stride).to(device)
 
@@ -34,6 +37,20 @@ def load(args, splits, device):
 def score(args, cfg, splits, model, device) -> dict:
     out = test_output(args, cfg.data.name)
     metrics = run_evaluation(model, splits, device, out, cfg.eval, workers=cfg.data.workers)
+    quiet = type(cfg.eval)(**{**vars(cfg.eval), "save_images": 0})
+
+    def miou(dataset, attack=None) -> float:
+        return evaluate(model, dataset, device, splits.num_classes, quiet, workers=cfg.data.workers,
+                        attack=attack)["miou"]
+
+    if args.pgd_eps > 0:
+        attack = pgd_settings(args)
+        metrics.update(pgd_miou=miou(splits.val, lambda images, masks: pixel_pgd(model, images, masks, attack)),
+                       pgd_eps=args.pgd_eps, pgd_steps=args.pgd_steps)
+    if args.corruptions:
+        rows = corruption_sweep(splits.val, miou, args.corruptions, args.severities, seed=cfg.seed)
+        save_sweep(rows, "miou", out)
+        metrics["corruption_miou"] = rows[-1]["score"]
     return {**metrics, "out": str(out)}
 
 

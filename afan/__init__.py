@@ -17,6 +17,7 @@ The method in five calls::
     with afan.use_aux_bn(model):                           # auxiliary BN for adversarial passes
         loss_adv = sum(loss(tail(f), y) for f in feats)
 """
+from .batched import batch_strengths
 from .input_norm import Normalize
 from .norm import (
     AuxBatchNorm2d,
@@ -45,6 +46,7 @@ __all__ = [
     "AuxNorm",
     "Normalize",
     "backward_each",
+    "batch_strengths",
     "convert_aux_bn",
     "convert_aux_norm",
     "feature_pgd",

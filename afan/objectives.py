@@ -50,16 +50,26 @@ def _has_aux(model: nn.Module) -> bool:
 
 
 def pixel_pgd(images: Images, loss_fn: Callable[[Images], Tensor], *, steps: int, step_size: float, eps: float,
-              random_start: bool = True) -> Images:
+              random_start: bool = True, project: bool = True, clamp_at_end: bool = False) -> Images:
     """L-infinity PGD images in [0, 1] within ``eps`` of ``images`` (a batch, or a list of
     images of different sizes, as detection models take them), ascending ``loss_fn``.
+
+    Every iterate is kept in [0, 1]; ``clamp_at_end=True`` clamps only the final images, as the
+    A-FAN release's input adversarial training (``attack_algo.adv_input``) does, so its
+    iterates may leave the range. ``project=False`` drops the ``eps``-ball projection (the
+    release's ``clip`` off); ``eps`` then only bounds the random start.
 
     A list is attacked as the concatenation of its flattened images: the element-wise
     L-infinity step, projection and clipping treat it exactly as each image on its own.
     """
+    attack = dict(steps=steps, step_size=step_size, eps=eps, random_start=random_start, project=project,
+                  bounds=None if clamp_at_end else (0.0, 1.0))
+
+    def finish(adv):
+        return adv.clamp(0.0, 1.0) if clamp_at_end else adv
+
     if isinstance(images, Tensor):
-        return feature_pgd(images, loss_fn, steps=steps, step_size=step_size, eps=eps, random_start=random_start,
-                           project=True, bounds=(0.0, 1.0))
+        return finish(feature_pgd(images, loss_fn, **attack))
     shapes = [image.shape for image in images]
     sizes = [image.numel() for image in images]
 
@@ -67,9 +77,7 @@ def pixel_pgd(images: Images, loss_fn: Callable[[Images], Tensor], *, steps: int
         return [part.view(shape) for part, shape in zip(flat.split(sizes), shapes)]
 
     flat = torch.cat([image.detach().flatten() for image in images])
-    adv = feature_pgd(flat, lambda f: loss_fn(unflatten(f)), steps=steps, step_size=step_size, eps=eps,
-                      random_start=random_start, project=True, bounds=(0.0, 1.0))
-    return unflatten(adv)
+    return unflatten(finish(feature_pgd(flat, lambda f: loss_fn(unflatten(f)), **attack)))
 
 
 class AdvProp(nn.Module):
@@ -166,7 +174,11 @@ class AFAN(nn.Module):
         self.aux, self.freeze, self.detach = aux_norm or _has_aux(model), attack_norm_stats == "frozen", \
             not strengths_train_head
 
-    def step(self, x: Tensor, target, criterion: Criterion) -> Step:
+    def adversarial(self, x: Tensor, target, criterion: Criterion) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+        """The adversarial half of :meth:`step`, for a caller that computes the other term
+        itself (e.g. on PGD images): ``(h, h_adv, total, values)`` with ``h = head(x)``
+        (attached), the attack's ``h_adv``, the sum of the ``n`` strengths' losses (ready for
+        backward, see :func:`afan.backward_each`) and each one's detached value."""
         head, tail = self._parts
         h = head(x)
 
@@ -183,6 +195,11 @@ class AFAN(nn.Module):
             clean = h.detach() if self.detach else h
             adversarial, values = backward_each([clean], [strength_loss(i) for i in range(1, self.n + 1)],
                                                 self.model.parameters())
+        return h, h_adv, adversarial, values
+
+    def step(self, x: Tensor, target, criterion: Criterion) -> Step:
+        tail = self._parts[1]
+        h, h_adv, adversarial, values = self.adversarial(x, target, criterion)
         # The clean tail pass comes last, as released (the tail's BN statistics update last).
         output = tail(h, x) if self.needs_input else tail(h)
         loss_clean = criterion(output, target)

@@ -1,9 +1,10 @@
 """What the benchmark times, per task: a model and batch built as its ``train.py`` builds them,
 the training step of each mode, and the separate passes an A-FAN step needs.
 
-A case is made fresh for each mode (in its own process, see ``bench.measure``), from the
+A case is made for each mode (in that mode's own process, see ``bench.measure``), from the
 task's Shapes config with a few overrides, so the benchmark measures exactly the code that
-training runs. The A-FAN passes are what the method cannot avoid, each timed on its own:
+training runs. The A-FAN passes are what the method cannot avoid, run back to back and timed
+together (each as often as the step runs it):
 
 * ``clean``: the clean forward and backward pass (the whole ``base`` step);
 * ``se_attack``: the tail forward from the SE feature and the backward to that feature only,
@@ -24,7 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from afan.config import load_config
+from afan_harness.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("classification", "detection", "segmentation")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torchvision import datasets, transforms
 
 import afan
-from afan.shapes import ShapesDataset
+from afan_harness.shapes import ShapesDataset
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--folder", help="an ImageFolder (one sub-folder per class); default: Shapes")

@@ -1,10 +1,13 @@
 """Shared fixtures: the devices to test on, a tiny CNN split into head and tail, small enough
-for fast CPU tests, and the resume check of the iteration-based trainers."""
+for fast CPU tests, real models built once per test module, and the resume check of the
+iteration-based trainers."""
+import copy
+
 import pytest
 import torch
 from torch import nn
 
-from afan.checkpoint import load_checkpoint
+from afan_harness.checkpoint import load_checkpoint
 
 # Tests that take the ``device`` fixture run on the CPU and, where a GPU is present, on CUDA
 # too; `pytest -m cuda` runs only the CUDA ones.
@@ -65,6 +68,46 @@ def tiny_net():
 def batch():
     g = torch.Generator().manual_seed(1)
     return torch.rand(6, 3, 8, 8, generator=g), torch.randint(0, 4, (6,), generator=g)
+
+
+class BuiltOnce:
+    """Models built once, handed out as deep copies (``get``), so that a test may train,
+    convert or move its copy without another test seeing it, in any order.
+
+    ``get(key, build, seed=None)`` builds with ``build()`` the first time ``key`` is asked for,
+    after ``torch.manual_seed(seed)`` where ``seed`` is given. A seeded model is handed out with
+    the global random state a fresh seeded build leaves: the CPU generator where ``build()``
+    left it, the CUDA ones freshly seeded (a build on the CPU draws nothing from them). So a
+    test that draws random numbers after building (inputs, RPN sampling) draws the same ones
+    as when it built the model itself."""
+
+    def __init__(self):
+        self._built = {}
+
+    def get(self, key, build, seed=None):
+        if key not in self._built:
+            if seed is not None:
+                torch.manual_seed(seed)
+            model = build()
+            self._built[key] = model, seed, torch.get_rng_state() if seed is not None else None
+        model, seed, cpu_state = self._built[key]
+        if seed is not None:
+            torch.manual_seed(seed)
+            torch.set_rng_state(cpu_state)
+        # On one thread: copying tensors is memory-bound, and with the cores busy the threads of
+        # a parallel copy wait on each other (ten times slower on two loaded cores).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return copy.deepcopy(model)
+        finally:
+            torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def built_once():
+    """A ``BuiltOnce`` shared by the tests of one module (its models freed after them)."""
+    return BuiltOnce()
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-import afan.checkpoint  # noqa: E402
+import afan_harness.checkpoint  # noqa: E402
 
 MODULES = {"classification": "Classification.train", "segmentation": "Segmentation.train",
            "detection": "Detection.train"}
@@ -48,7 +48,7 @@ def main(task: str, fault: str, at: int, argv: list[str]) -> int:
                     os.kill(os.getpid(), signal.SIGKILL)
             return real_save(obj, file, *args, **kwargs)
 
-        afan.checkpoint.torch.save = half_written_then_killed
+        afan_harness.checkpoint.torch.save = half_written_then_killed
     else:
         real_step = train.training_step
 

@@ -167,10 +167,10 @@ def test_compare_without_its_data_is_one_message(tmp_path, capsys):
 
 
 def _failing_writes(monkeypatch, failure, after=0):
-    """Every file ``afan.checkpoint`` opens for writing fails with ``failure`` (an OSError)
+    """Every file ``afan_harness.checkpoint`` opens for writing fails with ``failure`` (an OSError)
     once ``after`` writes have succeeded, as on a full disk or a read-only folder; removing
     files fails too, as it does in a read-only folder."""
-    import afan.checkpoint
+    import afan_harness.checkpoint
     calls = [0]
 
     def fake_open(path, mode="r", *args, **kwargs):
@@ -183,8 +183,8 @@ def _failing_writes(monkeypatch, failure, after=0):
     def fake_unlink(path):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(afan.checkpoint, "open", fake_open, raising=False)
-    monkeypatch.setattr(afan.checkpoint.os, "unlink", fake_unlink)
+    monkeypatch.setattr(afan_harness.checkpoint, "open", fake_open, raising=False)
+    monkeypatch.setattr(afan_harness.checkpoint.os, "unlink", fake_unlink)
 
 
 def test_a_full_disk_is_one_message_that_keeps_the_last_checkpoint(run, tmp_path, capsys, monkeypatch):

@@ -4,7 +4,7 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from afan.checkpoint import (CheckpointError, atomic_open, load_checkpoint, resolve_architecture, resolve_num_classes,
+from afan_harness.checkpoint import (CheckpointError, atomic_open, load_checkpoint, resolve_architecture, resolve_num_classes,
                              save_checkpoint)
 
 

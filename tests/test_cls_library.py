@@ -4,7 +4,7 @@ import pytest
 import torch
 import torchvision
 
-from afan.config import ConfigError, load_config
+from afan_harness.config import ConfigError, load_config
 from Classification import train as cls_train
 from Classification.models import create_model, load_model
 from Classification.train import TrainConfig

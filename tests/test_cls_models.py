@@ -9,7 +9,7 @@ import torchvision
 from torch import nn
 
 import afan
-from afan.checkpoint import CheckpointError
+from afan_harness.checkpoint import CheckpointError
 from afan.input_norm import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
 from Classification.models import MODEL_NAMES, checkpoint_payload, create_model, load_model
 
@@ -44,9 +44,14 @@ def randomize_bn(model, seed=0):
     return model
 
 
-def model(name, num_classes=10, **kw):
-    torch.manual_seed(0)
-    return randomize_bn(create_model(name, num_classes, **kw)).eval()
+@pytest.fixture(scope="module")
+def model(built_once):
+    """``model(name, num_classes=10, **kw)``: ``create_model`` built under ``torch.manual_seed(0)``
+    with random BN statistics, in evaluation mode; a fresh copy of one built once per module."""
+    def make(name, num_classes=10, **kw):
+        build = lambda: randomize_bn(create_model(name, num_classes, **kw)).eval()
+        return built_once.get((name, num_classes, repr(sorted(kw.items()))), build, seed=0)
+    return make
 
 
 # ---------------------------------------------------------------- building
@@ -172,7 +177,7 @@ EXPECTED_SPLITS = {
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_head_then_tail_is_forward(name):
+def test_head_then_tail_is_forward(name, model):
     m, x = model(name), images(FAMILIES[name])
     assert m.split_points == EXPECTED_SPLITS[name]
     with torch.no_grad():
@@ -200,7 +205,7 @@ def bn_names_run(model, fn):
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_convert_aux_bn_after_split_point_converts_exactly_the_tail(name):
+def test_convert_aux_bn_after_split_point_converts_exactly_the_tail(name, model):
     base, x = model(name), images(FAMILIES[name])
     for at in base.split_points:
         m = copy.deepcopy(base)
@@ -339,7 +344,7 @@ def test_release_checkpoint_with_other_name_or_classes_is_refused(tmp_path):
 
 # ---------------------------------------------------------------- this project's checkpoints
 
-def test_payload_round_trip_drops_aux_bn(tmp_path):
+def test_payload_round_trip_drops_aux_bn(tmp_path, model):
     m = model("resnet20", num_classes=5)
     afan.convert_aux_bn(m, after="layer1")
     payload = checkpoint_payload(m)
@@ -357,7 +362,7 @@ def test_payload_round_trip_drops_aux_bn(tmp_path):
 
 @pytest.mark.parametrize("name,kw", [("tf_efficientnet_b0.ap_in1k", {}), ("tf_efficientnet_b0", {"input_norm": "half"}),
                                      ("resnet20", {"input_norm": "imagenet"})])
-def test_payload_records_the_input_normalisation(tmp_path, name, kw):
+def test_payload_records_the_input_normalisation(tmp_path, name, kw, model):
     m = model(name, **kw)
     torch.save(checkpoint_payload(m), tmp_path / "best.pth")
     loaded = load_model(tmp_path / "best.pth")
@@ -368,7 +373,7 @@ def test_payload_records_the_input_normalisation(tmp_path, name, kw):
         assert torch.equal(loaded(x), m(x))
 
 
-def test_payload_written_before_it_recorded_the_normalisation_still_loads(tmp_path):
+def test_payload_written_before_it_recorded_the_normalisation_still_loads(tmp_path, model):
     """EfficientNet payloads without mean/std date from when every EfficientNet used 0.5."""
     m = model("tf_efficientnet_b0", input_norm="half")
     payload = checkpoint_payload(m)
@@ -385,7 +390,7 @@ def test_payload_written_before_it_recorded_the_normalisation_still_loads(tmp_pa
     assert load_model(tmp_path / "old_resnet.pth").normalize.mean.tolist() == pytest.approx(CIFAR10_MEAN)
 
 
-def test_plain_state_dict_needs_a_name_and_infers_classes(tmp_path):
+def test_plain_state_dict_needs_a_name_and_infers_classes(tmp_path, model):
     m = model("resnet20", num_classes=3)
     torch.save(m.state_dict(), tmp_path / "plain.pth")
     with pytest.raises(CheckpointError, match=r"plain.pth.*plain state dict.*name=.*resnet56"):

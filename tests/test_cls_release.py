@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from afan.config import load_config
+from afan_harness.config import load_config
 from Classification.config import AfanConfig, TrainConfig
 from Classification.models import create_model
 from Classification.steps import afan_step

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 import afan
-from afan.checkpoint import load_checkpoint
-from afan.config import ConfigError, load_config
+from afan_harness.checkpoint import load_checkpoint
+from afan_harness.rundir import MetricsLog
+from afan_harness.config import ConfigError, load_config
 from Classification import test as cls_test
 from Classification import train as cls_train
 from Classification.config import AfanConfig, TrainConfig
@@ -42,7 +43,7 @@ def test_one_short_epoch_of_each_mode(tmp_path, mode, capsys):
     epoch_line = [text for text in printed if text.startswith("epoch 0: ")]
     assert epoch_line and "train_loss" in epoch_line[0] and epoch_line[0].endswith("ETA 0m00s")
     assert 0 <= summary["test_acc"] <= 1 and summary["mode"] == mode
-    row = afan.rundir.MetricsLog(out / "metrics.csv").rows()[0]
+    row = MetricsLog(out / "metrics.csv").rows()[0]
     assert {"train_loss", "train_acc", "val_acc", "lr", "time"} <= set(row)
     if mode == "afan":
         assert row["pert_linf"] == pytest.approx(5 * 0.5 / 255, rel=1e-4)
@@ -248,12 +249,15 @@ def test_compare_prints_a_table_and_writes_the_plot(tmp_path, capsys):
     from Classification import compare
     tracked = ROOT / "Figs" / "shapes_base_vs_afan.png"
     before = tracked.read_bytes()
-    args = ["epochs=1", "afan.steps=1", "data.train_size=32", "data.val_size=16", "data.test_size=16",
+    args = ["epochs=1", "afan.steps=1", "advprop.steps=1", "data.train_size=32", "data.val_size=16", "data.test_size=16",
             "batch_size=16", "device=cpu", "--out", str(tmp_path / "runs")]
     assert compare.main(args) == 0
     figure = tmp_path / "runs" / "base_vs_afan.png"  # beside the runs: the checkout stays clean
     assert tracked.read_bytes() == before
     out = capsys.readouterr().out
-    assert "| mode | best val. acc. | test acc. | s / epoch |" in out
-    assert "| base |" in out and "| afan |" in out
+    # The demo's table: one row per mode, a column per evaluation and the training time.
+    lines = [line for line in out.splitlines() if line.startswith("| ")]
+    assert lines[0] == "| mode | clean | PGD 2/255 | feature (block1) | corruptions | training time |"
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| base", "| afan", "| advprop"]
+    assert all(len(line.split(" | ")) == 6 and line.endswith("s |") for line in lines[2:])
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

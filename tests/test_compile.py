@@ -3,8 +3,8 @@ keys, and a plain fallback where inductor cannot run."""
 import pytest
 import torch
 
-from afan.config import load_config
-from afan.runtime import compile_parts
+from afan_harness.config import load_config
+from afan_harness.runtime import compile_parts
 from Classification import train as cls_train
 from Classification.config import TrainConfig as ClsConfig
 from Detection import train as det_train

@@ -7,7 +7,7 @@ from typing import Literal, Optional
 import pytest
 import yaml
 
-from afan.config import ConfigError, add_config_arguments, config_to_dict, load_config, save_config
+from afan_harness.config import ConfigError, add_config_arguments, config_to_dict, load_config, save_config
 
 
 @dataclass

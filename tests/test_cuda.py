@@ -6,7 +6,7 @@ import copy
 import torch
 
 import afan
-from afan.settings import AdvPropConfig
+from afan_harness.settings import AdvPropConfig
 from Classification.config import AfanConfig as ClsAfanConfig
 from Classification.models import create_model as create_classifier
 from Classification.steps import advprop_step as cls_advprop_step

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from afan.shapes import SHAPE_CLASSES, render_sample
+from afan_harness.shapes import SHAPE_CLASSES, render_sample
 from Detection.data import (
     VOC_CLASSES, CocoDetection, DataConfig, DataError, RandomHorizontalFlip, build_datasets, collate,
     hflip, make_loader, write_shapes_coco,

@@ -8,7 +8,7 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import afan
-from afan.checkpoint import CheckpointError, save_checkpoint
+from afan_harness.checkpoint import CheckpointError, save_checkpoint
 from Detection.models import MODEL_NAMES, checkpoint_payload, create_model, family, load_model
 
 TINY = {"min_size": 64, "max_size": 96}
@@ -36,9 +36,15 @@ def assert_same_detections(a, b):
             assert torch.equal(x[key], y[key]), key
 
 
+@pytest.fixture(scope="module")
+def voc_model(built_once):
+    """``voc_model(name)``: a fresh copy of ``create_model(name, 21)``, built once per module."""
+    return lambda name: built_once.get(name, lambda: create_model(name, 21))
+
+
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_each_name_builds(name):
-    model = create_model(name, 21)
+def test_each_name_builds(name, voc_model):
+    model = voc_model(name)
     assert model.arch == name and model.num_classes == 21
     c4 = family(name) == "c4"
     assert model.split_points == ("layer1", "layer2", "layer3") + (() if c4 else ("layer4",))
@@ -51,10 +57,10 @@ def test_each_name_builds(name):
 @pytest.mark.parametrize("name, channels, width", [("fasterrcnn_resnet50_c4", 1024, 2048),
                                                    ("fasterrcnn_resnet101_c4", 1024, 2048),
                                                    ("fasterrcnn_resnet18_c4", 256, 512)])
-def test_c4_model_is_the_released_detector(name, channels, width):
+def test_c4_model_is_the_released_detector(name, channels, width, voc_model):
     """The release's R-C4 (its Detection/model.py, backbone/resnet50.py, roi/pooler.py and
     config/*.py), part by part."""
-    model = create_model(name, 21)
+    model = voc_model(name)
     body, heads, rpn = model.backbone.body, model.roi_heads, model.rpn
     assert list(body) == ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3"]
     assert dict(body.return_layers) == {"layer3": "0"} and model.backbone.out_channels == channels

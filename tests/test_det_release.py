@@ -37,8 +37,7 @@ SETTINGS = {
 }
 
 
-def make_model():
-    torch.manual_seed(0)
+def build_model():
     # RoIAlign to 4x4 instead of 14x14 (then max-pool to 2x2 and layer4): float64 convolutions
     # are slow on the CPU, and the step does not depend on the RoI resolution.
     model = create_model("fasterrcnn_resnet18_c4", 4, min_size=64, max_size=64, anchor_sizes=[16, 32, 64],
@@ -47,6 +46,13 @@ def make_model():
     model.rpn.fg_bg_sampler.batch_size_per_image = 10 ** 6
     model.roi_heads.fg_bg_sampler.batch_size_per_image = 10 ** 6
     return model.double().train()
+
+
+@pytest.fixture(scope="module")
+def make_model(built_once):
+    """``make_model()``: a fresh copy of the model above, built under ``torch.manual_seed(0)``
+    once per module, with the random state of a fresh build."""
+    return lambda: built_once.get("r18_c4", build_model, seed=0)
 
 
 def batch():
@@ -119,7 +125,7 @@ def assert_close_relative(actual, expected, what, rtol=1e-8):
 
 
 @pytest.mark.parametrize("setting", SETTINGS)
-def test_afan_step_is_the_release_step(setting):
+def test_afan_step_is_the_release_step(setting, make_model):
     """Loss, every loss term and every parameter gradient equal to 1e-8 relative.
 
     This fails on the code before the step followed the release (strengths built from the

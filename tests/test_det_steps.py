@@ -7,7 +7,7 @@ import torch
 from torchvision.models.detection import FasterRCNN
 
 import afan
-from afan.settings import AdvPropConfig
+from afan_harness.settings import AdvPropConfig
 from Detection.config import AfanConfig
 from Detection.models import create_model, head, predictor_losses, prepare, tail
 from Detection.steps import advprop_step, afan_step, base_step, pixel_pgd, sd_attack, se_attack
@@ -17,11 +17,16 @@ FPN = ("fasterrcnn_resnet18_fpn", {"anchor_sizes": [16, 32, 64, 128, 256], "roi_
 C4 = ("fasterrcnn_resnet18_c4", {"anchor_sizes": [16, 32, 64], "roi_batch_size": 64})
 
 
-def make_model(norm="frozen", seed=0, device="cpu", arch=C4):
-    """A small detector (64 sampled RoIs per image: the RoI head dominates CPU time)."""
-    torch.manual_seed(seed)
-    name, options = arch
-    return create_model(name, 5, norm=norm, **options, **TINY).train().to(device)
+@pytest.fixture(scope="module")
+def make_model(built_once):
+    """``make_model(norm="frozen", seed=0, device="cpu", arch=C4)``: a small detector (64 sampled
+    RoIs per image: the RoI head dominates CPU time), built under ``torch.manual_seed(seed)``
+    once per module; each call is a fresh copy, with the random state of a fresh build."""
+    def make(norm="frozen", seed=0, device="cpu", arch=C4):
+        name, options = arch
+        build = lambda: create_model(name, 5, norm=norm, **options, **TINY).train()
+        return built_once.get((name, repr(options), norm, seed), build, seed=seed).train().to(device)
+    return make
 
 
 def on(device, images, targets):
@@ -56,7 +61,7 @@ def rpn_losses(losses):
 
 
 @pytest.mark.parametrize("norm", ["frozen", "bn"])
-def test_base_step_equals_torchvision(norm, device):
+def test_base_step_equals_torchvision(norm, device, make_model):
     model = make_model(norm, device=device, arch=FPN)
     reference = copy.deepcopy(model)  # BN statistics move with every training pass
     images, targets = on(device, *batch())
@@ -110,7 +115,7 @@ def test_c4_model_trains_with_its_own_forward_and_equals_torchvision_fasterrcnn(
 
 
 @pytest.mark.parametrize("arch", [C4, FPN], ids=["c4", "fpn"])
-def test_attacks_are_bounded_and_touch_neither_grads_nor_frozen_bn_stats(device, arch):
+def test_attacks_are_bounded_and_touch_neither_grads_nor_frozen_bn_stats(device, arch, make_model):
     model = make_model("bn", device=device, arch=arch)
     afan.convert_aux_bn(model, after="backbone.body.layer2")
     cfg = AfanConfig(se_steps=2, gamma_se=1.0, sd_steps=3, gamma_sd=0.1, aux_bn=True, attack_bn_stats="frozen")
@@ -135,7 +140,7 @@ def test_attacks_are_bounded_and_touch_neither_grads_nor_frozen_bn_stats(device,
         assert torch.equal(value, buffers[key]), key
 
 
-def test_attack_updates_bn_stats_by_default_as_released():
+def test_attack_updates_bn_stats_by_default_as_released(make_model):
     """The release's attack passes run in training mode and move BN running statistics;
     ``attack_bn_stats="frozen"`` (above) keeps them."""
     model = make_model("bn")
@@ -147,7 +152,7 @@ def test_attack_updates_bn_stats_by_default_as_released():
     assert moved and all(k.startswith(("backbone.body.layer3", "roi_heads.box_head.")) for k in moved)
 
 
-def test_only_roi_changes_the_sd_attacks_loss_not_its_perturbation():
+def test_only_roi_changes_the_sd_attacks_loss_not_its_perturbation(make_model):
     model = make_model()
     _, _, _, clean, roi = clean_pass(model, *batch())
     perturbations = [sd_attack(model, roi, rpn_losses(clean), AfanConfig(only_roi=only, gamma_sd=5.0))
@@ -155,7 +160,7 @@ def test_only_roi_changes_the_sd_attacks_loss_not_its_perturbation():
     assert torch.equal(*perturbations)
 
 
-def test_attacks_raise_their_loss():
+def test_attacks_raise_their_loss(make_model):
     model = make_model()
     cfg = AfanConfig(se_steps=1, gamma_se=20.0, sd_steps=1, gamma_sd=20.0)
     se_gain, sd_gain = [], []
@@ -181,7 +186,7 @@ def test_attacks_raise_their_loss():
 
 @pytest.mark.parametrize("options", [{}, {"sd_mix": True, "sd_noise": 0.5, "only_roi": False},
                                      {"sd": False, "n": 2, "mask": "01"}])
-def test_afan_step_loss_is_the_release_formula(options):
+def test_afan_step_loss_is_the_release_formula(options, make_model):
     model = make_model()
     cfg = AfanConfig(**options)
     images, targets = batch()
@@ -199,7 +204,7 @@ def test_afan_step_loss_is_the_release_formula(options):
 
 
 @pytest.mark.parametrize("se_trains_head", [False, True])
-def test_afan_step_gradients_equal_those_of_the_plain_sum_of_its_passes(se_trains_head):
+def test_afan_step_gradients_equal_those_of_the_plain_sum_of_its_passes(se_trains_head, make_model):
     """The strength passes are back-propagated one at a time (``afan.backward_each``); the
     step's gradients are those of the release's loss written as one plain sum, with the
     strengths built from the clean feature detached (the release) or attached."""
@@ -233,7 +238,7 @@ def _assert_finite_grads(model, loss):
     assert any(g.abs().sum() > 0 for g in grads)
 
 
-def test_afan_step_with_aux_bn_backprops():
+def test_afan_step_with_aux_bn_backprops(make_model):
     model = make_model("bn")
     afan.convert_aux_bn(model, after="backbone.body.layer2")
     cfg = AfanConfig(aux_bn=True, sd_mix=True)
@@ -245,7 +250,7 @@ def test_afan_step_with_aux_bn_backprops():
     assert bn.weight.grad.abs().sum() > 0 and bn.aux_bn[0].weight.grad.abs().sum() > 0
 
 
-def test_advprop_step_backprops_and_pgd_is_bounded():
+def test_advprop_step_backprops_and_pgd_is_bounded(make_model):
     model = make_model("bn")
     afan.convert_aux_bn(model)
     cfg = AdvPropConfig(steps=2, step_size=1.0, eps=2.0)
@@ -265,12 +270,12 @@ def test_advprop_step_backprops_and_pgd_is_bounded():
     assert bn.weight.grad.abs().sum() > 0 and bn.aux_bn[0].weight.grad.abs().sum() > 0
 
 
-def test_advprop_needs_aux_bn():
+def test_advprop_needs_aux_bn(make_model):
     with pytest.raises(ValueError, match="convert_aux_bn"):
         advprop_step(make_model(), *batch(), AdvPropConfig())
 
 
-def test_channels_last_gives_the_same_training_step(device):
+def test_channels_last_gives_the_same_training_step(device, make_model):
     images, targets = on(device, *batch())
     runs = []
     for memory_format in (torch.contiguous_format, torch.channels_last):

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torchvision
 
-from afan.config import ConfigError, load_config
-from afan.rundir import MetricsLog
+from afan_harness.config import ConfigError, load_config
+from afan_harness.rundir import MetricsLog
 from Detection import test as det_test
 from Detection import train as det_train
 from Detection.models.faster_rcnn import model_settings
@@ -200,7 +200,7 @@ def test_test_outputs_never_replace_an_earlier_evaluation(tmp_path, tiny, capsys
 
 
 def test_a_config_path_from_the_task_folder_works_from_the_root(tmp_path, capsys):
-    from afan.cli import config_path
+    from afan_harness.cli import config_path
     assert config_path("configs/shapes_afan.yaml", CONFIGS) == CONFIGS.parent / "configs/shapes_afan.yaml"
     assert config_path("shapes_afan.yaml", CONFIGS) == CONFIGS / "shapes_afan.yaml"
     assert config_path("nowhere.yaml", CONFIGS) == "nowhere.yaml"

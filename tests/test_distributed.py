@@ -19,12 +19,12 @@ import torch.multiprocessing as mp
 from torch.utils.data import default_collate
 
 import afan
-from afan import distributed
-from afan.checkpoint import load_checkpoint
-from afan.config import load_config
-from afan.guard import StopRequested
-from afan.runtime import seed_everything
-from afan.sampler import ResumableSampler
+from afan_harness import distributed
+from afan_harness.checkpoint import load_checkpoint
+from afan_harness.config import load_config
+from afan_harness.guard import StopRequested
+from afan_harness.runtime import seed_everything
+from afan_harness.sampler import ResumableSampler
 from Classification import train as cls_train
 from Classification.config import TrainConfig
 from Classification.data import build_datasets

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from afan.checkpoint import load_checkpoint
-from afan.rundir import MetricsLog
+from afan_harness.checkpoint import load_checkpoint
+from afan_harness.rundir import MetricsLog
 from Classification import train as cls_train
 from Segmentation import train as seg_train
 

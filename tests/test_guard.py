@@ -1,12 +1,12 @@
-"""afan.guard: signals turned into a request to stop, and the non-finite loss policy."""
+"""afan_harness.guard: signals turned into a request to stop, and the non-finite loss policy."""
 import os
 import signal
 
 import pytest
 import torch
 
-from afan.distributed import Process
-from afan.guard import NonFiniteLoss, StopRequested, TrainingGuard
+from afan_harness.distributed import Process
+from afan_harness.guard import NonFiniteLoss, StopRequested, TrainingGuard
 
 CPU = torch.device("cpu")
 

@@ -1,22 +1,38 @@
 """Repository layout rules that keep the method in one place."""
 import ast
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK_FOLDERS = {"Classification", "Detection", "Segmentation"}
 
 
-def test_no_module_in_afan_imports_a_task_folder():
-    for path in (ROOT / "afan").rglob("*.py"):
+def _imported_packages(package: str) -> dict[str, set[str]]:
+    """Each module of ``package`` -> the top-level packages it imports (relative imports: itself)."""
+    found = {}
+    for path in (ROOT / package).rglob("*.py"):
+        names = set()
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
+                names |= {alias.name.split(".")[0] for alias in node.names}
             elif isinstance(node, ast.ImportFrom):
-                names = [node.module or ""]
-            else:
-                continue
-            for name in names:
-                assert name.split(".")[0] not in TASK_FOLDERS, f"{path.name} imports {name}"
+                names.add(package if node.level else (node.module or "").split(".")[0])
+        found[path.name] = names
+    return found
+
+
+def test_the_method_imports_only_torch_and_itself():
+    """``afan`` is the method: no harness, no task folder, no dependency besides torch."""
+    # timm: afan.split reads its do-not-trace list when a timm model was already imported.
+    allowed = {"afan", "torch", "timm", "__future__"} | set(sys.stdlib_module_names)
+    for module, names in _imported_packages("afan").items():
+        assert names <= allowed, f"afan/{module} imports {sorted(names - allowed)}"
+
+
+def test_the_harness_imports_no_task_folder():
+    for module, names in _imported_packages("afan_harness").items():
+        assert not names & TASK_FOLDERS, f"afan_harness/{module} imports {sorted(names & TASK_FOLDERS)}"
+    assert "afan" in set().union(*_imported_packages("afan_harness").values())  # it runs the method
 
 
 def test_skeleton_is_in_place():

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from afan.checkpoint import CheckpointError, save_checkpoint
-from afan.distributed import Process
-from afan.loop import Job, _resume_position, batch_stream
-from afan.rundir import LogWindow, RunDir, continue_run
-from afan.sampler import ResumableSampler
+from afan_harness.checkpoint import CheckpointError, save_checkpoint
+from afan_harness.distributed import Process
+from afan_harness.loop import Job, _resume_position, batch_stream
+from afan_harness.rundir import LogWindow, RunDir, continue_run
+from afan_harness.sampler import ResumableSampler
 
 
 def _job(epoch_steps=0, size=10, batch_size=3):

@@ -3,9 +3,9 @@ in bf16 and in fp16 with a grad scaler (checkpointed and resumed), on the CPU an
 import pytest
 import torch
 
-from afan.checkpoint import load_checkpoint
-from afan.config import load_config
-from afan.runtime import autocast, grad_scaler, resolve_precision
+from afan_harness.checkpoint import load_checkpoint
+from afan_harness.config import load_config
+from afan_harness.runtime import autocast, grad_scaler, resolve_precision
 from Classification import train as cls_train
 from Classification.config import AfanConfig as ClsAfanConfig
 from Classification.models import create_model as create_classifier

@@ -4,9 +4,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from afan.config import ConfigError, load_config
-from afan.distributed import Process
-from afan.rundir import (LogWindow, MetricsLog, RunDir, continue_run, perturbation_sizes, progress,
+from afan_harness.config import ConfigError, load_config
+from afan_harness.distributed import Process
+from afan_harness.rundir import (LogWindow, MetricsLog, RunDir, continue_run, perturbation_sizes, progress,
                          save_training_state)
 
 
@@ -219,13 +219,13 @@ def test_log_window_means_over_its_steps_then_starts_again():
 
 
 def test_log_window_leaves_an_evaluation_out_of_the_seconds_per_step(monkeypatch):
-    import afan.rundir
-    from afan.distributed import Process
+    import afan_harness.rundir
+    from afan_harness.distributed import Process
 
     # open; close after 2 steps (and the next window opens); the evaluation ends; close after 2 more
     clock = iter([0.0, 10.0, 10.0, 70.0, 80.0, 80.0])
-    monkeypatch.setattr(afan.rundir.time, "perf_counter", lambda: next(clock))
-    window = afan.rundir.LogWindow()
+    monkeypatch.setattr(afan_harness.rundir.time, "perf_counter", lambda: next(clock))
+    window = afan_harness.rundir.LogWindow()
     single = Process(rank=0, world_size=1, local_rank=0)
     for _ in range(2):
         window.add({"loss": 1.0})

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from afan.runtime import rng_state, seed_everything, select_device, set_rng_state
+from afan_harness.runtime import rng_state, seed_everything, select_device, set_rng_state
 
 
 @pytest.fixture(autouse=True)

@@ -3,7 +3,7 @@ import itertools
 
 import pytest
 
-from afan.sampler import ResumableSampler
+from afan_harness.sampler import ResumableSampler
 
 
 def _take(sampler, n):

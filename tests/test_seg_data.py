@@ -7,7 +7,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from afan.shapes import SHAPE_CLASSES, ShapesDataset
+from afan_harness.shapes import SHAPE_CLASSES, ShapesDataset
 from Segmentation.config import EvalConfig
 from Segmentation.data import (
     CITYSCAPES_CLASSES, VOC_CLASSES, DataConfig, DataError, RandomScale, SegmentationFiles, build_datasets,

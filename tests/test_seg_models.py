@@ -8,8 +8,8 @@ from torchvision.models import mobilenet_v2, resnet50
 from torchvision.models._utils import IntermediateLayerGetter
 
 import afan
-from afan.checkpoint import CheckpointError
-from afan.config import load_config
+from afan_harness.checkpoint import CheckpointError
+from afan_harness.config import load_config
 from Segmentation import train as seg_train
 from Segmentation.config import TrainConfig
 from Segmentation.models import SPLIT_POINTS, create_model, infer_arch, load_model
@@ -34,9 +34,16 @@ def mobilenet_backbone_key(key):
     return f"backbone.{part}.{key.removeprefix('features.')}"
 
 
-def test_state_dict_keys_are_deeplabv3plus_pytorch_ones():
+@pytest.fixture(scope="module")
+def model_of(built_once):
+    """``model_of(name, num_classes)``: a fresh copy of ``create_model(name, num_classes)``, built
+    once per module (random weights, training mode)."""
+    return lambda name, num_classes: built_once.get((name, num_classes), lambda: create_model(name, num_classes))
+
+
+def test_state_dict_keys_are_deeplabv3plus_pytorch_ones(model_of):
     resnet = ["backbone." + k for k in resnet50().state_dict() if not k.startswith("fc.")]
-    assert set(create_model("deeplabv3plus_resnet50", 21).state_dict()) == set(resnet + decoder_keys())
+    assert set(model_of("deeplabv3plus_resnet50", 21).state_dict()) == set(resnet + decoder_keys())
     mobile = [mobilenet_backbone_key(k) for k in mobilenet_v2().state_dict()
               if k.startswith("features.") and not k.startswith("features.18.")]
     assert set(create_model("deeplabv3plus_mobilenet", 21).state_dict()) == set(mobile + decoder_keys())
@@ -56,8 +63,8 @@ def random_weights(model):
     return state
 
 
-def test_deeplabv3plus_pytorch_checkpoint_loads_and_predicts_like_a_torchvision_composition(tmp_path):
-    model = create_model("deeplabv3plus_resnet50", 21)
+def test_deeplabv3plus_pytorch_checkpoint_loads_and_predicts_like_a_torchvision_composition(tmp_path, model_of):
+    model = model_of("deeplabv3plus_resnet50", 21)
     state = random_weights(model)
     path = tmp_path / "best_deeplabv3plus_resnet50_voc_os16.pth"
     torch.save({"cur_itrs": 30000, "model_state": state, "optimizer_state": {}, "best_score": 0.77}, path)
@@ -70,7 +77,7 @@ def test_deeplabv3plus_pytorch_checkpoint_loads_and_predicts_like_a_torchvision_
                         strict=False)
     getter = IntermediateLayerGetter(net, {"layer1": "low", "layer4": "out"}).eval()
     head = {k.removeprefix("classifier."): v for k, v in state.items() if k.startswith("classifier.")}
-    aspp = create_model("deeplabv3plus_resnet50", 21).classifier.aspp.eval()
+    aspp = model_of("deeplabv3plus_resnet50", 21).classifier.aspp.eval()
     aspp.load_state_dict({k.removeprefix("aspp."): v for k, v in head.items() if k.startswith("aspp.")})
 
     def bn(x, prefix):
@@ -153,10 +160,10 @@ def test_decode_is_fuse_then_classify_on_the_304_channel_feature():
 
 @pytest.mark.parametrize("at,split", [("layer1", "backbone.low_level_features.3"),
                                       ("layer3", "backbone.high_level_features.13")])
-def test_aux_bn_goes_where_the_adversarial_passes_perturb(at, split):
+def test_aux_bn_goes_where_the_adversarial_passes_perturb(at, split, model_of):
     """Exactly the backbone after the split point, the ASPP and the decoder's convolutions; not
     the low-level projection, which reads the clean feature in every pass (as released)."""
-    model = create_model("deeplabv3plus_mobilenet", 3)
+    model = model_of("deeplabv3plus_mobilenet", 3)
     names = [n for n, _ in model.named_modules()]
     bns = [n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
     expected = {n for n in bns if n.startswith("backbone.") and names.index(n) > names.index(split)
@@ -181,11 +188,11 @@ def test_backbone_bn_momentum_reaches_every_backbone_bn_and_its_aux_branch():
     assert {m.momentum for m in plain.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.1}
 
 
-def test_normalisation_is_not_in_the_state_dict_and_output_stride_sets_the_aspp_rates():
+def test_normalisation_is_not_in_the_state_dict_and_output_stride_sets_the_aspp_rates(model_of):
     model = create_model("deeplabv3plus_mobilenet", 3, output_stride=8)
     assert not [k for k in model.state_dict() if "normalize" in k or k.endswith(("mean", "std")) and "running" not in k]
     assert [c[0].dilation[0] for c in model.classifier.aspp.convs[1:4]] == [12, 24, 36]
-    assert [c[0].dilation[0] for c in create_model("deeplabv3plus_mobilenet", 3).classifier.aspp.convs[1:4]] == [6, 12, 18]
+    assert [c[0].dilation[0] for c in model_of("deeplabv3plus_mobilenet", 3).classifier.aspp.convs[1:4]] == [6, 12, 18]
 
 
 def test_payload_round_trip_keeps_output_stride_and_drops_aux_bn(tmp_path):
@@ -200,15 +207,15 @@ def test_payload_round_trip_keeps_output_stride_and_drops_aux_bn(tmp_path):
         torch.testing.assert_close(loaded(x), plain(x), rtol=0, atol=0)
 
 
-def test_plain_state_dicts_and_data_parallel_prefixes_load(tmp_path):
-    model = create_model("deeplabv3plus_mobilenet", 3)
+def test_plain_state_dicts_and_data_parallel_prefixes_load(tmp_path, model_of):
+    model = model_of("deeplabv3plus_mobilenet", 3)
     torch.save({"module." + k: v for k, v in model.state_dict().items()}, tmp_path / "plain.pth")
     assert load_model(tmp_path / "plain.pth").arch == "deeplabv3plus_mobilenet"
     assert infer_arch(create_model("deeplabv3plus_resnet101", 3).state_dict()) == "deeplabv3plus_resnet101"
 
 
-def test_loading_errors_name_the_problem(tmp_path):
-    model = create_model("deeplabv3plus_mobilenet", 3)
+def test_loading_errors_name_the_problem(tmp_path, model_of):
+    model = model_of("deeplabv3plus_mobilenet", 3)
     torch.save(checkpoint_payload(model), tmp_path / "m.pth")
     with pytest.raises(CheckpointError, match="3 classes, but num_classes=21"):
         load_model(tmp_path / "m.pth", num_classes=21)
@@ -239,11 +246,11 @@ def test_create_model_rejects_bad_arguments():
         create_model("deeplabv3plus_mobilenet", 2).head(torch.rand(1, 3, 33, 33), "layer5")
 
 
-def test_imagenet_backbone_weights_load_from_torchvision_files(tmp_path):
+def test_imagenet_backbone_weights_load_from_torchvision_files(tmp_path, model_of):
     torch.manual_seed(0)
     source = mobilenet_v2()
     torch.save(source.state_dict(), tmp_path / "mobilenet_v2.pth")
-    model = create_model("deeplabv3plus_mobilenet", 3)
+    model = model_of("deeplabv3plus_mobilenet", 3)
     load_backbone_weights(model, tmp_path / "mobilenet_v2.pth")
     assert torch.equal(getattr(model.backbone.high_level_features, "7").conv[0][0].weight, source.features[7].conv[0][0].weight)
     assert torch.equal(model.backbone.low_level_features[0][0].weight, source.features[0][0].weight)

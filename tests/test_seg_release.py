@@ -49,7 +49,7 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck, conv1x1
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
-from afan.config import load_config
+from afan_harness.config import load_config
 from Segmentation.config import AfanConfig, TrainConfig
 from Segmentation.models import create_model
 from Segmentation.steps import afan_step

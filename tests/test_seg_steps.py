@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import afan
-from afan.settings import AdvPropConfig
+from afan_harness.settings import AdvPropConfig
 from Segmentation.config import AfanConfig
 from Segmentation.models import create_model
 from Segmentation.steps import advprop_step, afan_step, base_step
@@ -24,12 +24,17 @@ def batch(seed=0, size=33):
     return images, masks
 
 
-@pytest.fixture
-def model():
-    torch.manual_seed(0)
+def build_model():
     net = create_model("deeplabv3plus_mobilenet", NUM_CLASSES).train()
     net.classifier.aspp.project[-1].p = 0.0  # no dropout: passes comparable without RNG bookkeeping
     return net
+
+
+@pytest.fixture
+def model(built_once):
+    """A fresh copy of the model above, built under ``torch.manual_seed(0)`` once per module,
+    with the random state of a fresh build."""
+    return built_once.get("mobilenet", build_model, seed=0)
 
 
 def bn_state(model):

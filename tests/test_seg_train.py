@@ -13,8 +13,8 @@ from PIL import Image
 from torch import nn
 from torchvision.models import mobilenet_v2
 
-from afan.checkpoint import load_checkpoint
-from afan.config import load_config
+from afan_harness.checkpoint import load_checkpoint
+from afan_harness.config import load_config
 from Segmentation import test as seg_test
 from Segmentation import train as seg_train
 from Segmentation.config import EvalConfig, OptimConfig, TrainConfig

@@ -3,7 +3,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from afan.settings import AdvPropConfig, check_nonnegative, check_positive, check_strengths
+from afan_harness.settings import AdvPropConfig, check_nonnegative, check_positive, check_strengths
 
 
 def test_nonnegative_names_the_first_bad_setting():

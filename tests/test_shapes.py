@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from afan.shapes import NUM_CLASSES, SHAPE_CLASSES, ShapesDataset, ShapesStyle, render_sample
+from afan_harness.shapes import NUM_CLASSES, SHAPE_CLASSES, ShapesDataset, ShapesStyle, render_sample
 
 
 def test_at_least_six_classes():
@@ -120,7 +120,7 @@ def test_style_changes_the_images():
 def test_cache_returns_the_same_samples_without_rendering_again(monkeypatch):
     cached = ShapesDataset("classification", size=4, cache=True)
     first = [cached[i][0] for i in range(4)]
-    import afan.shapes as shapes_module
+    import afan_harness.shapes as shapes_module
     monkeypatch.setattr(shapes_module, "render_sample", lambda *a, **k: pytest.fail("rendered again"))
     assert all(torch.equal(cached[i][0], first[i]) for i in range(4))
     assert torch.equal(cached[-1][0], first[3])

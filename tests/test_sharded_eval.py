@@ -16,7 +16,7 @@ import torch
 import torch.multiprocessing as mp
 from torch.utils.data import Subset
 
-from afan import distributed
+from afan_harness import distributed
 from Classification.data import DataConfig as ClsData
 from Classification.data import build_datasets as cls_datasets
 from Classification.data import make_loader as cls_loader

@@ -53,11 +53,17 @@ def captured(model, at, *inputs):
     return result, seen[0]
 
 
+def built(built_once, name):
+    """A fresh copy of the model of ``CASES[name]``, built under ``torch.manual_seed(0)`` once per
+    module (the other tests that take the same model share the build), with the random state
+    of a fresh build."""
+    return built_once.get(name, CASES[name][0], seed=0)
+
+
 @pytest.fixture(scope="module", params=list(CASES))
-def case(request):
-    build, at, shape, needs_x = CASES[request.param]
-    torch.manual_seed(0)
-    model = build()
+def case(request, built_once):
+    _, at, shape, needs_x = CASES[request.param]
+    model = built(built_once, request.param)
     keys = list(model.state_dict())
     head, tail = split(model, at, method="fx")
     return model, at, torch.randn(shape), needs_x, (head, tail), keys
@@ -103,15 +109,15 @@ def test_parts_share_the_models_parameters(case):
         assert all(value is state[key] for key, value in part.state_dict(keep_vars=True).items())
 
 
-def test_head_keeps_the_models_input_checks():
-    model = tv.vit_b_16(weights=None, image_size=64)
+def test_head_keeps_the_models_input_checks(built_once):
+    model = built(built_once, "vit_b_16")
     head, _ = split(model, "encoder.layers.encoder_layer_5")
     with pytest.raises(AssertionError, match="Wrong image height"):
         head(torch.randn(1, 3, 32, 64))
 
 
-def test_submodules_are_the_models_own():
-    model = tv.resnet18(weights=None)
+def test_submodules_are_the_models_own(built_once):
+    model = built(built_once, "resnet18")
     head, tail = split(model, "layer2")
     assert head.get_submodule("layer1.0.conv1") is model.layer1[0].conv1
     assert head.get_submodule("layer1.0.conv1").weight is model.layer1[0].conv1.weight
@@ -251,16 +257,21 @@ def test_skip_connection_around_the_split_needs_x():
         tail(head(x))
 
 
-def detector():
-    torch.manual_seed(0)
-    model = tv.detection.fasterrcnn_mobilenet_v3_large_fpn(
+def build_detector():
+    return tv.detection.fasterrcnn_mobilenet_v3_large_fpn(
         weights=None, weights_backbone=None, num_classes=3, min_size=96, max_size=96)
+
+
+def detector(built_once):
+    """A fresh copy of a detector built under ``torch.manual_seed(0)`` once per module, and an
+    image drawn after it."""
+    model = built_once.get("detector", build_detector, seed=0)
     return model.eval(), [torch.rand(3, 80, 96)]
 
 
 @torch.no_grad()
-def test_untraceable_model_falls_back_to_hooks():
-    model, images = detector()
+def test_untraceable_model_falls_back_to_hooks(built_once):
+    model, images = detector(built_once)
     with pytest.warns(UserWarning, match=r"could not trace FasterRCNN.*method='hooks'"):
         head, tail = split(model, "backbone.body")
     reference, at_output = captured(model, "backbone.body", images)
@@ -276,17 +287,16 @@ def test_untraceable_model_falls_back_to_hooks():
     assert head.get_submodule("backbone") is model.backbone
 
 
-def test_fx_method_names_the_tracing_error_and_hooks():
-    model, _ = detector()
+def test_fx_method_names_the_tracing_error_and_hooks(built_once):
+    model, _ = detector(built_once)
     with pytest.raises(SplitTraceError, match=r"could not trace FasterRCNN.*TraceError.*method='hooks'"):
         split(model, "backbone.body", method="fx")
 
 
 @pytest.mark.parametrize("training", [False, True])
 @torch.no_grad()
-def test_hooks_method_on_a_traceable_model(training):
-    torch.manual_seed(0)
-    model = tv.resnet18(weights=None).train(training)
+def test_hooks_method_on_a_traceable_model(training, built_once):
+    model = built(built_once, "resnet18").train(training)
     x = torch.randn(2, 3, 32, 32)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -300,8 +310,8 @@ def test_hooks_method_on_a_traceable_model(training):
     assert {id(p) for p in head.parameters()} == {id(p) for p in model.parameters()}
 
 
-def test_unknown_name_lists_close_names():
-    model = tv.resnet18(weights=None)
+def test_unknown_name_lists_close_names(built_once):
+    model = built(built_once, "resnet18")
     with pytest.raises(ValueError, match=r"no submodule named 'layer5'.*layer4"):
         split(model, "layer5")
     with pytest.raises(ValueError, match=r"'layer1\.0\.con1'.*layer1\.0\.conv1"):

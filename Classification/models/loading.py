@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from afan.checkpoint import CheckpointError, ModelFormat, load_model_file
+from afan_harness.checkpoint import CheckpointError, ModelFormat, load_model_file
 
 from .efficientnet import ARCHS as EFFICIENTNETS
 from .library import is_library_name
@@ -91,12 +91,18 @@ def _prepare(name: str, state: Mapping) -> dict:
     return dict(state)
 
 
+def _training_state(key: str) -> bool:
+    """The learnable mode's layer weights (``Classification.steps.LayerWeights``): training
+    state its checkpoints carry, not part of the classifier."""
+    return key.startswith("layer_weights.")
+
+
 FORMAT = ModelFormat(names=MODEL_NAMES, check_name=model_class, unpack=_unpack, classifier=_classifier,
-                     build=create_model, prepare=_prepare)
+                     build=create_model, prepare=_prepare, optional=_training_state)
 
 
 def load_model(path, name: Optional[str] = None, num_classes: Optional[int] = None) -> nn.Module:
     """The model stored at ``path``, in eval mode, with plain BatchNorm
-    (``afan.checkpoint.load_model_file``). ``name`` and ``num_classes`` are needed only where
+    (``afan_harness.checkpoint.load_model_file``). ``name`` and ``num_classes`` are needed only where
     the file does not record them (``name`` for plain state dicts)."""
     return load_model_file(path, FORMAT, name, num_classes)

@@ -5,7 +5,7 @@ import numbers
 
 from torch import nn
 
-from afan.settings import unknown_name
+from afan_harness.settings import unknown_name
 from afan.input_norm import IMAGENET_MEAN, IMAGENET_STD
 
 from . import cifar_resnet, efficientnet, library, small_cnn, torchvision_resnet

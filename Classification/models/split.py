@@ -57,5 +57,5 @@ class SplitModel:
         return self._run(self.stages(), x)
 
     def parts_to_compile(self) -> list:
-        """The stage modules, which head and tail call (for ``afan.runtime.compile_parts``)."""
+        """The stage modules, which head and tail call (for ``afan_harness.runtime.compile_parts``)."""
         return [stage for _, stage in self.stages() if isinstance(stage, torch.nn.Module)]

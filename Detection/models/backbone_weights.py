@@ -7,7 +7,7 @@ nothing is downloaded.
 """
 from __future__ import annotations
 
-from afan.checkpoint import CheckpointError, key_mismatches, load_state_dict
+from afan_harness.checkpoint import CheckpointError, key_mismatches, load_state_dict
 
 # torchvision's IMAGENET1K_V1 files, the original ImageNet weights the release started from.
 WEIGHT_URLS = {

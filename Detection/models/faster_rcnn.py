@@ -39,7 +39,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.misc import Conv2dNormActivation, FrozenBatchNorm2d
 
-from afan.settings import unknown_name
+from afan_harness.settings import unknown_name
 
 from .backbone_weights import load_backbone_weights
 from .parts import roi_training_losses
@@ -208,7 +208,7 @@ class DetectionModel(GeneralizedRCNN):
     def parts_to_compile(self) -> list:
         """The backbone stages, FPN, RPN head and box head and predictor: the convolution and
         linear work of the parts A-FAN calls (``Detection.models.parts``); anchors, NMS and
-        RoI pooling stay eager (for ``afan.runtime.compile_parts``)."""
+        RoI pooling stay eager (for ``afan_harness.runtime.compile_parts``)."""
         neck = [] if self.c4 else [self.backbone.fpn]
         return [*self.backbone.body.children(), *neck, self.rpn.head, self.roi_heads.box_head,
                 self.roi_heads.box_predictor]

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from afan.checkpoint import CheckpointError, ModelFormat, load_model_file
+from afan_harness.checkpoint import CheckpointError, ModelFormat, load_model_file
 
 from .faster_rcnn import MODEL_NAMES, check_name, create_model
 
@@ -57,7 +57,7 @@ FORMAT = ModelFormat(
 
 def load_model(path, name: Optional[str] = None, num_classes: Optional[int] = None, **kw) -> nn.Module:
     """The detector stored at ``path``, in eval mode, with plain BatchNorm
-    (``afan.checkpoint.load_model_file``).
+    (``afan_harness.checkpoint.load_model_file``).
 
     Reads ``checkpoint_payload`` files and plain torchvision ``FasterRCNN`` state dicts
     (``name`` required there; ``num_classes`` is read from the classifier weight). ``kw``

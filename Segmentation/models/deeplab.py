@@ -27,7 +27,7 @@ from torchvision.models import mobilenet_v2, resnet50, resnet101
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
 import afan
-from afan.settings import unknown_name
+from afan_harness.settings import unknown_name
 from afan.input_norm import IMAGENET_MEAN, IMAGENET_STD, Normalize
 
 SPLIT_POINTS = ("layer1", "layer2", "layer3", "layer4")
@@ -233,7 +233,7 @@ class DeepLabV3Plus(nn.Module):
 
     def parts_to_compile(self) -> list[nn.Module]:
         """The backbone blocks, the ASPP and the decoder's layers, which head, encode and
-        decode call (for ``afan.runtime.compile_parts``)."""
+        decode call (for ``afan_harness.runtime.compile_parts``)."""
         head = self.classifier
         return [self.backbone.get_submodule(b) for b in self._blocks] + [head.aspp, head.project, head.classifier]
 

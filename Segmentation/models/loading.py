@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torchvision.models import MobileNet_V2_Weights, ResNet50_Weights, ResNet101_Weights
 
-from afan.checkpoint import CheckpointError, ModelFormat, key_mismatches, load_checkpoint, load_model_file
+from afan_harness.checkpoint import CheckpointError, ModelFormat, key_mismatches, load_checkpoint, load_model_file
 
 from .deeplab import MODEL_NAMES, DeepLabV3Plus, check_name, create_model
 
@@ -72,7 +72,7 @@ FORMAT = ModelFormat(names=MODEL_NAMES, check_name=check_name, unpack=_unpack,
 def load_model(path, name: Optional[str] = None, num_classes: Optional[int] = None,
                output_stride: Optional[int] = None) -> DeepLabV3Plus:
     """The DeepLabv3+ stored at ``path``, in eval mode, with plain BatchNorm
-    (``afan.checkpoint.load_model_file``). ``output_stride`` is not visible in the weights
+    (``afan_harness.checkpoint.load_model_file``). ``output_stride`` is not visible in the weights
     (the same weights run at 8 or 16): it defaults to the one recorded by training, else 16."""
     return load_model_file(path, FORMAT, name, num_classes,
                            **({"output_stride": output_stride} if output_stride else {}))

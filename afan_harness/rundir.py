@@ -20,11 +20,11 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from tqdm import tqdm
 
-from afan.checkpoint import (CheckpointError, atomic_open, key_mismatches, load_checkpoint, remove_partial_writes,
+from afan_harness.checkpoint import (CheckpointError, atomic_open, key_mismatches, load_checkpoint, remove_partial_writes,
                              save_checkpoint)
-from afan import distributed
-from afan.config import ConfigError, config_to_dict, save_config
-from afan.runtime import rng_state, set_rng_state
+from afan_harness import distributed
+from afan_harness.config import ConfigError, config_to_dict, save_config
+from afan_harness.runtime import rng_state, set_rng_state
 
 CONFIG_NAME = "config.yaml"
 

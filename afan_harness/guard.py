@@ -3,7 +3,7 @@ non-finite loss.
 
 SIGINT (Ctrl-C) and SIGTERM (``kill``, Slurm pre-emption, torchrun passing on its own stop)
 do not kill a run inside :class:`TrainingGuard`: they ask it to stop after the current step,
-so the loop can write a checkpoint and raise :class:`StopRequested`, which ``afan.cli``
+so the loop can write a checkpoint and raise :class:`StopRequested`, which ``afan_harness.cli``
 turns into a message that says how to resume. A second Ctrl-C stops at once. A non-finite
 loss either stops the run (:class:`NonFiniteLoss`, the last checkpoint kept) or, with
 ``on_nonfinite=skip``, skips that step's update and counts it.
@@ -19,9 +19,9 @@ from typing import Mapping, Optional
 
 import torch
 
-from afan import distributed
+from afan_harness import distributed
 from afan.passes import loss_scale
-from afan.runtime import autocast, optimizer_step
+from afan_harness.runtime import autocast, optimizer_step
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

@@ -23,13 +23,13 @@ import torch
 from torch import nn
 
 import afan
-from afan import distributed
-from afan.checkpoint import CheckpointError, save_checkpoint
-from afan.guard import TrainingGuard, guarded_step
-from afan.loading import iteration_batches
-from afan.rundir import (LogWindow, RunDir, continue_run, epoch_line, log_line, progress, save_training_state,
+from afan_harness import distributed
+from afan_harness.checkpoint import CheckpointError, save_checkpoint
+from afan_harness.guard import TrainingGuard, guarded_step
+from afan_harness.loading import iteration_batches
+from afan_harness.rundir import (LogWindow, RunDir, continue_run, epoch_line, log_line, progress, save_training_state,
                          write_summary)
-from afan.runtime import grad_scaler, resolve_precision
+from afan_harness.runtime import grad_scaler, resolve_precision
 
 
 @dataclass

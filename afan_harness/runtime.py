@@ -12,7 +12,7 @@ import shutil
 import numpy as np
 import torch
 
-from afan.config import ConfigError
+from afan_harness.config import ConfigError
 
 _DEVICE_FORMS = "'auto', 'cpu', 'cuda' or 'cuda:N' (N = GPU index)"
 

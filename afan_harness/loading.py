@@ -10,8 +10,8 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 from torch.utils.data import DataLoader, Dataset
 
-from afan.distributed import Process, local_batch_size
-from afan.sampler import ResumableSampler
+from afan_harness.distributed import Process, local_batch_size
+from afan_harness.sampler import ResumableSampler
 
 
 class DataError(RuntimeError):
@@ -67,7 +67,7 @@ def make_loader(
     """A DataLoader whose order and augmentations are reproducible from ``seed``.
 
     Training shuffles with a seeded generator unless a ``sampler`` (e.g. DistributedSampler
-    or ``afan.sampler.ResumableSampler``) decides the order.  ``drop_last=None`` drops the
+    or ``afan_harness.sampler.ResumableSampler``) decides the order.  ``drop_last=None`` drops the
     last partial batch when training (a batch of one or two images gives BatchNorm useless
     statistics), unless that would leave no batch at all.
     """

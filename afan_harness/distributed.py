@@ -36,9 +36,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, Subset
 
-from afan.config import ConfigError
+from afan_harness.config import ConfigError
 from afan.norm import AuxBatchNorm2d
-from afan.runtime import select_device
+from afan_harness.runtime import select_device
 
 # How long a process waits in a collective for the others. An evaluation's files and figures
 # (detections.json, per-class CSVs, pictures) are written by process 0 alone while the others

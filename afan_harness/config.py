@@ -25,7 +25,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from afan.checkpoint import atomic_open
+from afan_harness.checkpoint import atomic_open
 
 COMMAND_LINE = "command line"
 

@@ -13,12 +13,14 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from afan.checkpoint import CheckpointError
-from afan.config import ConfigError, add_config_arguments, config_yaml, load_config
-from afan.guard import NonFiniteLoss, StopRequested
-from afan.loading import DataError
-from afan.rundir import CONFIG_NAME, RunDir
-from afan.runtime import select_device
+from afan_harness.checkpoint import CheckpointError
+from afan_harness.config import ConfigError, add_config_arguments, config_yaml, load_config
+from afan_harness.guard import NonFiniteLoss, StopRequested
+from afan_harness.loading import DataError
+from afan_harness.robustness import parse_corruptions
+from afan_harness.rundir import CONFIG_NAME, RunDir
+from afan_harness.settings import AdvPropConfig
+from afan_harness.runtime import select_device
 
 
 def config_path(given, configs: Path):
@@ -123,7 +125,7 @@ def test_main(argv, *, description: str, config_cls, sections: tuple[str, ...], 
     """A task's ``test.py``: parse ``--checkpoint``, ``--model``, ``--out`` (where ``out_help``
     describes it), the task's own ``arguments(parser)`` and the shared ones
     (``add_test_arguments``); build the data of the run's settings (``test_config``) and the
-    model, ``load(args, splits, device)``; then print ``SUMMARY {json}`` of
+    model, ``load(args, cfg, splits, device)``; then print ``SUMMARY {json}`` of
     ``score(args, cfg, splits, model, device)``. Bad input (settings, data, checkpoint) is one
     ``error:`` line on stderr and exit status 2, before anything is evaluated."""
     parser = argparse.ArgumentParser(description=description)
@@ -138,13 +140,51 @@ def test_main(argv, *, description: str, config_cls, sections: tuple[str, ...], 
         cfg = test_config(config_cls, args, sections)
         splits = build_datasets(cfg.data, seed=cfg.seed)
         device = select_device(args.device)
-        model = load(args, splits, device)
+        model = load(args, cfg, splits, device)
     except (ConfigError, DataError, CheckpointError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     result = score(args, cfg, splits, model, device)
     print("SUMMARY " + json.dumps({"checkpoint": args.checkpoint, "data": cfg.data.name, **result}), flush=True)
     return 0
+
+
+def robustness_arguments(parser: argparse.ArgumentParser) -> None:
+    """The robustness options of every ``test.py``: input PGD (``--pgd-*``; the release's
+    evaluation: ``--pgd-eps 2``, 10 steps of 0.5/255) and common corruptions
+    (``--corruptions``, ``--severities``; ``afan_harness.robustness``)."""
+    parser.add_argument("--pgd-eps", type=non_negative_float, default=0.0,
+                        help="also score under input PGD of this radius in 1/255 (the release: 2; 0: not)")
+    parser.add_argument("--pgd-steps", type=non_negative_int, default=10)
+    parser.add_argument("--pgd-step-size", type=non_negative_float, help="PGD step in 1/255 (default eps/4)")
+    parser.add_argument("--corruptions", type=_corruption_names, metavar="all|NAME,...",
+                        help="also score under these common corruptions (ImageNet-C families), writing "
+                             "corruptions.csv and corruptions.png")
+    parser.add_argument("--severities", type=_severities, default=(1, 2, 3, 4, 5), metavar="S,...",
+                        help="corruption severities, 1 to 5 (default: all five)")
+
+
+def pgd_settings(args) -> AdvPropConfig:
+    """The input PGD ``robustness_arguments`` ask for, from a uniform random start."""
+    return AdvPropConfig(steps=args.pgd_steps, eps=args.pgd_eps, random_start=True,
+                         step_size=args.pgd_eps / 4 if args.pgd_step_size is None else args.pgd_step_size)
+
+
+def _corruption_names(text: str) -> list[str]:
+    try:
+        return parse_corruptions(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _severities(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or not all(1 <= v <= 5 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of severities 1 to 5")
+    return values
 
 
 def add_test_arguments(parser: argparse.ArgumentParser, sections: str) -> None:
