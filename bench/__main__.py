@@ -102,19 +102,21 @@ def _ratio_cell(row: dict, name: str) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    """A Markdown table of the rows, ratios as median (range) over the rounds; a row's note and
-    each task's description follow it. An unreliable row shows no ``needed`` figures."""
+    """A Markdown table of the rows, ratios as median (range) over the rounds (the ``× advprop``
+    and ``needed`` columns where some row has them); a row's note and each task's description
+    follow it. An unreliable row shows no ``needed`` figures."""
     reference = rows[0]["ref"]
     versus = next((row["versus"] for row in rows if row["versus"]), None)
+    with_needed = any(row["needed_ms"] is not None for row in rows)
     header = ["task", "mode", "device", "precision", "step ms", f"× {reference}", *([f"× {versus}"] if versus else []),
-              "peak MiB", f"mem × {reference}", "needed ms", "step / needed"]
+              "peak MiB", f"mem × {reference}", *(["needed ms", "step / needed"] if with_needed else [])]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         needed = ([_number(row["needed_ms"]), _ratio_cell(row, "step_over_needed")] if row["reliable"]
                   else ["unreliable", "unreliable"])
         cells = [row["task"], row["mode"], row["device"], row["precision"], _number(row["step_ms"]),
                  _ratio_cell(row, "x_ref"), *([_ratio_cell(row, "x_versus")] if versus else []),
-                 _number(row["peak_mb"]), _number(row["mem_x_ref"]), *needed]
+                 _number(row["peak_mb"]), _number(row["mem_x_ref"]), *(needed if with_needed else [])]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines += [f"{row['task']} {row['mode']}: {row['note']}" for row in rows if row["note"]]

@@ -40,3 +40,5 @@ for precision in fp32 bf16; do
 done
 # torch.compile (inductor) of the classification model, in bf16.
 bench compiled --tasks classification --modes afan --precision bf16 compile=inductor
+# A-FAN's strengths one tail pass each against one joined pass (afan.batch_strengths).
+bench batched --batched

@@ -29,6 +29,7 @@ from multiprocessing import get_context
 from typing import Callable, Optional, Sequence
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from afan_harness.runtime import autocast, resolve_precision, select_device
 from bench.rounds import PASSES, schedule, summarise
@@ -156,8 +157,6 @@ class Session:
         """Where the step spends more than its passes: ``(operator, ms, calls)`` per step of the
         largest differences in profiled self time (device time on CUDA), step minus passes,
         over ``PROFILE_ROUNDS`` of each, alternated as the rounds are."""
-        from torch.profiler import ProfilerActivity, profile
-
         cuda = self.device.type == "cuda"
         activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
         totals = {self.case.step: {}, self._run_passes: {}}
