@@ -23,7 +23,7 @@ import afan
 from afan_harness.checkpoint import CheckpointError, load_checkpoint
 from afan_harness.cli import (non_negative_float, pgd_settings, positive_int, robustness_arguments, test_main,
                               test_output)
-from afan_harness.robustness import corruption_sweep, save_sweep
+from afan_harness.robustness import corruption_score
 from Classification.config import TrainConfig
 from Classification.data import build_datasets, make_loader
 from Classification.evaluation import evaluate, feature_logits, pgd_logits
@@ -89,11 +89,10 @@ def score(args, cfg, splits, model, device) -> dict:
         result.update({f"feature_{k}": v for k, v in attacked.items()}, feature_layer=args.feature_layer,
                       feature_gamma=args.feature_gamma, feature_steps=args.feature_steps)
     if args.corruptions:
-        rows = corruption_sweep(dataset, lambda data: accuracy(data, desc="corrupted")["top1"], args.corruptions,
-                                args.severities, seed=cfg.seed)
         out = test_output(args, cfg.data.name)
-        save_sweep(rows, "top1", out)
-        result.update(corruption_top1=rows[-1]["score"], out=str(out))
+        mean = corruption_score(dataset, lambda data: accuracy(data, desc="corrupted")["top1"], args.corruptions,
+                                args.severities, cfg.seed, "top1", out)
+        result.update(corruption_top1=mean, out=str(out))
     return result
 
 

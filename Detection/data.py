@@ -533,6 +533,12 @@ def collate(batch):
     return images, targets
 
 
+def to_device(images, targets, device) -> tuple[list, list]:
+    """A collated batch on ``device`` (the targets' tensors; their other entries as they are)."""
+    return ([image.to(device) for image in images],
+            [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets])
+
+
 def make_loader(dataset: Dataset, batch_size: int, **kwargs) -> DataLoader:
     """``afan_harness.loading.make_loader`` for detection: batches are lists (images differ in size)."""
     return loading.make_loader(dataset, batch_size, collate_fn=collate, **kwargs)

@@ -31,7 +31,7 @@ import torch
 from afan_harness import distributed
 from afan_harness.checkpoint import atomic_open
 from afan_harness.rundir import progress
-from Detection.data import make_loader
+from Detection.data import make_loader, to_device
 
 __all__ = ["voc_ap", "voc_eval", "coco_eval", "evaluate", "save_per_class_csv", "save_coco_json",
            "detection_figure", "draw_detections", "box_iou"]
@@ -375,9 +375,8 @@ def predict(model, dataset, device, batch_size: int = 4, process: Optional[distr
     found = []
     loader = make_loader(distributed.shard(dataset, process), batch_size, train=False, workers=0, seed=0)
     for images, targets in progress(loader, desc="predict", leave=False):
-        images = [image.to(device) for image in images]
+        images, targets = to_device(images, targets, device)
         if attack is not None:
-            targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
             images = attack(images, targets)
         with torch.no_grad():
             outputs = model(images)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 
 from afan_harness.cli import non_negative_int, pgd_settings, robustness_arguments, test_main, test_output
-from afan_harness.robustness import corruption_sweep, save_sweep
+from afan_harness.robustness import corruption_score
 from Detection.config import TrainConfig
 from Detection.data import build_datasets
 from Detection.evaluation import evaluate, predict, run_evaluation
@@ -46,9 +46,8 @@ def score(args, cfg, splits, model, device) -> dict:
                                                                                              attack)),
                         "pgd_eps": args.pgd_eps, "pgd_steps": args.pgd_steps})
     if args.corruptions:
-        rows = corruption_sweep(splits.test, score_of, args.corruptions, args.severities, seed=cfg.seed)
-        save_sweep(rows, key, out)
-        metrics[f"corruption_{key}"] = rows[-1]["score"]
+        metrics[f"corruption_{key}"] = corruption_score(splits.test, score_of, args.corruptions, args.severities,
+                                                         cfg.seed, key, out)
     return {**metrics, "out": str(out)}
 
 

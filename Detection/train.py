@@ -31,7 +31,7 @@ from afan_harness.loop import Job, launcher, run_loop
 from afan_harness.rundir import perturbation_sizes
 from afan_harness.runtime import compile_parts, seed_everything
 from Detection.config import OptimConfig, TrainConfig
-from Detection.data import build_datasets, collate
+from Detection.data import build_datasets, collate, to_device
 from Detection.evaluation import run_evaluation
 from Detection.models import checkpoint_payload, create_model
 from Detection.steps import advprop_step, afan_step, base_step
@@ -84,11 +84,6 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
                                 weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg.optim))
 
-    def to_device(batch):
-        images, targets = batch
-        return ([image.to(device) for image in images],
-                [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets])
-
     def evaluate(model, last):
         # The last evaluation is the final one (same weights): it writes the evaluation files.
         return run_evaluation(model, splits, device, cfg.out, draw=cfg.draw_images if last else 0, write=last,
@@ -98,7 +93,7 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
     best_key = "AP" if splits.eval_info.kind == "coco" else "mAP"
     finished = run_loop(Job(cfg, model, optimizer, scheduler, splits.train,
                             step=lambda m, images, targets: training_step(m, images, targets, cfg),
-                            to_device=to_device, step_values=step_values, evaluate=evaluate, best_key=best_key,
+                            to_device=lambda batch: to_device(*batch, device), step_values=step_values, evaluate=evaluate, best_key=best_key,
                             payload=checkpoint_payload, iterations=cfg.iterations, log_every=cfg.log_every,
                             checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every, collate_fn=collate),
                         process, device, resume=resume, overwrite=overwrite)

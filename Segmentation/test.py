@@ -13,10 +13,11 @@ the data). Prints one line ``SUMMARY {json}``.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 from afan_harness.cli import pgd_settings, robustness_arguments, test_main, test_output
-from afan_harness.robustness import corruption_sweep, save_sweep
+from afan_harness.robustness import corruption_score
 from Segmentation.config import TrainConfig
 from Segmentation.data import build_datasets
 from Segmentation.evaluation import evaluate, run_evaluation
@@ -37,7 +38,7 @@ def load(args, cfg, splits, device):
 def score(args, cfg, splits, model, device) -> dict:
     out = test_output(args, cfg.data.name)
     metrics = run_evaluation(model, splits, device, out, cfg.eval, workers=cfg.data.workers)
-    quiet = type(cfg.eval)(**{**vars(cfg.eval), "save_images": 0})
+    quiet = dataclasses.replace(cfg.eval, save_images=0)
 
     def miou(dataset, attack=None) -> float:
         return evaluate(model, dataset, device, splits.num_classes, quiet, workers=cfg.data.workers,
@@ -48,9 +49,8 @@ def score(args, cfg, splits, model, device) -> dict:
         metrics.update(pgd_miou=miou(splits.val, lambda images, masks: pixel_pgd(model, images, masks, attack)),
                        pgd_eps=args.pgd_eps, pgd_steps=args.pgd_steps)
     if args.corruptions:
-        rows = corruption_sweep(splits.val, miou, args.corruptions, args.severities, seed=cfg.seed)
-        save_sweep(rows, "miou", out)
-        metrics["corruption_miou"] = rows[-1]["score"]
+        metrics["corruption_miou"] = corruption_score(splits.val, miou, args.corruptions, args.severities, cfg.seed,
+                                                      "miou", out)
     return {**metrics, "out": str(out)}
 
 

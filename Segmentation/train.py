@@ -15,6 +15,7 @@ predictions) and one line ``SUMMARY {json}`` is printed (also ``summary.json``).
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -107,7 +108,7 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
     model = build_model(cfg, splits.num_classes, device)
     optimizer = make_optimizer(model, cfg.optim)
     scheduler = make_scheduler(optimizer, cfg.iterations, cfg.optim)
-    quiet_eval = type(cfg.eval)(**{**vars(cfg.eval), "save_images": 0})
+    quiet_eval = dataclasses.replace(cfg.eval, save_images=0)
 
     def to_device(batch):
         images, masks = batch

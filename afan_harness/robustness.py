@@ -176,6 +176,15 @@ def corruption_sweep(dataset: Dataset, score: Callable[[Dataset], float], names,
     return rows
 
 
+def corruption_score(dataset: Dataset, score: Callable[[Dataset], float], names, severities, seed: int,
+                     metric: str, folder) -> float:
+    """:func:`corruption_sweep` saved with :func:`save_sweep` in ``folder``: what a ``test.py``
+    reports; returns the mean over every corruption."""
+    rows = corruption_sweep(dataset, score, names, severities, seed)
+    save_sweep(rows, metric, folder)
+    return rows[-1]["score"]
+
+
 def save_sweep(rows: list[dict], metric: str, folder) -> tuple[Path, Path]:
     """``corruptions.csv`` and ``corruptions.png`` (the score against severity, one line per
     corruption, the clean score at severity 0 where a row gives it) in ``folder``."""
