@@ -28,6 +28,7 @@ import torch
 from Detection.config import AfanConfig
 from Detection.models import create_model, head, predictor_losses, prepare, tail
 from Detection.steps import afan_step
+from release_ops import mix_feature
 
 # The release's VOC2007 settings 1 and 3 and COCO setting 5's mask, on a small R-18-C4.
 SETTINGS = {
@@ -65,18 +66,6 @@ def batch():
 
 def total(losses):
     return sum(losses.values())
-
-
-def mix_feature(clean, adv):
-    """The release's ``mix_feature``: channel statistics at every position, unbiased variance."""
-    def moments(t):
-        mean = t.mean(dim=1, keepdim=True)
-        var = ((t - mean) ** 2).sum(dim=1, keepdim=True) / (t.shape[1] - 1)
-        return mean, (var + 1e-5).sqrt()
-
-    clean_mean, clean_std = moments(clean)
-    adv_mean, adv_std = moments(adv)
-    return (clean - clean_mean) / clean_std * adv_std + adv_mean
 
 
 def release_step(model, images, targets, cfg: AfanConfig):

@@ -23,6 +23,7 @@ from afan_harness.settings import InputPgdConfig, MultiLayerConfig
 from Detection.config import AfanConfig, TrainConfig
 from Detection.models import create_model, forward_losses, head, predictor_losses, prepare, tail
 from Detection.steps import afan_step
+from release_ops import mix_feature, sign_step
 
 LAYERS = ["layer1", "layer2", "layer3"]
 
@@ -44,20 +45,6 @@ def batch(seed=0):
         wh = torch.rand(2, 2, generator=g) * torch.tensor([w / 2, h / 2]) + 8
         targets.append({"boxes": torch.cat([xy, xy + wh], 1), "labels": torch.randint(1, 5, (2,), generator=g)})
     return images, targets
-
-
-def mix_feature(clean, adv):
-    """The release's ``mix_feature``: channel mean and unbiased variance + 1e-5 at every position."""
-    def moments(t):
-        return t.mean(dim=1, keepdim=True), (t.var(dim=1, keepdim=True) + 1e-5).sqrt()
-    (cm, cs), (am, as_) = moments(clean), moments(adv)
-    return (clean - cm) / cs * as_ + am
-
-
-def sign_step(feature, loss_fn, step):
-    adv = feature.detach().clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(loss_fn(adv), adv)
-    return adv.detach() + step * grad.sign()
 
 
 def adv_input(model, images, targets, *, steps, gamma, eps, randinit):

@@ -53,6 +53,7 @@ from afan_harness.config import load_config
 from Segmentation.config import AfanConfig, TrainConfig
 from Segmentation.models import create_model
 from Segmentation.steps import afan_step
+from release_ops import mix_feature
 
 NUM_CLASSES = 5
 TERMS = ("loss_0", "loss_1", "loss_2", "loss_sd")  # the project's names of the release's loss0..loss3
@@ -128,13 +129,6 @@ def upsample(logits, size):
 def get_sample_points(x, y, number):
     step = 1.0 / (number - 1)
     return [x] + [torch.lerp(x, y, i * step) for i in range(1, number - 1)] + [y]
-
-
-def mix_feature(clean, adv):
-    eps = 1e-5
-    clean_std = (clean.var(dim=1, keepdim=True) + eps).sqrt()
-    adv_std = (adv.var(dim=1, keepdim=True) + eps).sqrt()
-    return (clean - clean.mean(dim=1, keepdim=True)) / clean_std * adv_std + adv.mean(dim=1, keepdim=True)
 
 
 def release_step(net, images, labels, *, se_idx, sd_layer, gamma_se, gamma_sd, mix, mix_sd, steps=1):

@@ -27,6 +27,7 @@ from afan_harness.settings import InputPgdConfig, MultiLayerConfig
 from Segmentation.config import AfanConfig, TrainConfig
 from Segmentation.models import create_model
 from Segmentation.steps import afan_step
+from release_ops import mix_feature, sign_step
 
 NUM_CLASSES = 4
 LAYERS = ["layer1", "layer2", "layer3", "layer4"]
@@ -62,19 +63,6 @@ def batch(seed=0, size=32):
 
 def criterion(logits, masks):
     return F.cross_entropy(logits, masks, ignore_index=255)
-
-
-def mix_feature(clean, adv):
-    def moments(t):
-        return t.mean(dim=1, keepdim=True), (t.var(dim=1, keepdim=True) + 1e-5).sqrt()
-    (cm, cs), (am, as_) = moments(clean), moments(adv)
-    return (clean - cm) / cs * as_ + am
-
-
-def sign_step(feature, loss_fn, step):
-    adv = feature.detach().clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(loss_fn(adv), adv)
-    return adv.detach() + step * grad.sign()
 
 
 def adv_input(net, images, masks, *, steps, gamma, eps):

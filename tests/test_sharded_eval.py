@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 from torch.utils.data import Subset
 
 from afan_harness import distributed
+from afan_harness.checkpoint import load_checkpoint
 from Classification.data import DataConfig as ClsData
 from Classification.data import build_datasets as cls_datasets
 from Classification.data import make_loader as cls_loader
@@ -127,7 +128,7 @@ def runs(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     mp.spawn(_worker, args=(WORLD_SIZE, _free_port(), str(root)), nprocs=WORLD_SIZE, join=True)
-    sharded = [torch.load(root / f"results_rank{rank}.pt", weights_only=False) for rank in range(WORLD_SIZE)]
+    sharded = [load_checkpoint(root / f"results_rank{rank}.pt") for rank in range(WORLD_SIZE)]
     return reference, sharded, root
 
 
