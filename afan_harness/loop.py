@@ -81,7 +81,7 @@ class Finished:
     # The last iteration's evaluation when this run (not a run it resumed) made one; the same on every process.
     final_scores: Optional[dict]
     counts: dict  # the guard's skipped steps, for the summary
-    cfg: object = None
+    cfg: object  # the run's settings, for the summary's mode and data
 
     def mean(self, column: str) -> float:
         """The mean of a logged column (e.g. ``sec_per_iter``) over the rows that have it."""
@@ -189,7 +189,8 @@ def run_loop(job: Job, process: distributed.Process, device: torch.device, *, re
                             save_checkpoint({**job.payload(afan.strip_aux_bn(job.model)), "iteration": done, **scores},
                                             run_dir.best_checkpoint)
                 if run_dir:
-                    _log(job, run_dir, done, lr, means, _validation(scores), guard.counts())
+                    validation = {f"val_{key}": value for key, value in scores.items()}
+                    _log(job, run_dir, done, lr, means, validation, guard.counts())
             if done % job.checkpoint_every == 0 or last or guard.stop_requested:
                 # A window cut by a stop is carried in last.pth, so the resumed run logs the same rows.
                 save_training_state(run_dir, process, job.payload(job.model), job.optimizer, job.scheduler, cfg,
@@ -201,10 +202,6 @@ def run_loop(job: Job, process: distributed.Process, device: torch.device, *, re
     if run_dir and run_dir.metrics.rows():
         run_dir.metrics.plot(run_dir.file("curves.png"), x="epoch" if job.epoch_steps else "iteration")
     return Finished(run_dir, best, final_scores, guard.counts(), cfg)
-
-
-def _validation(scores: dict) -> dict:
-    return {f"val_{key}": value for key, value in scores.items()}
 
 
 def _log(job: Job, run_dir: RunDir, done: int, lr: float, means: dict, scores: dict, counts: dict) -> None:
