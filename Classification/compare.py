@@ -22,7 +22,7 @@ from matplotlib.ticker import MaxNLocator
 from afan_harness.cli import FAILURES, failure_status
 from afan_harness.config import load_config
 from afan_harness.rundir import MetricsLog, duration
-from afan_harness.robustness import CORRUPTIONS, corruption_sweep
+from afan_harness.robustness import CORRUPTIONS, FeatureAttack, corruption_sweep
 from afan_harness.runtime import select_device
 from afan_harness.settings import AdvPropConfig
 from Classification.config import TrainConfig
@@ -35,8 +35,9 @@ CONFIGS = Path(__file__).resolve().parent / "configs"
 MODES = ("base", "afan", "advprop")
 # The release's robustness evaluation: 10 PGD steps of 0.5/255 in an eps ball of 2/255.
 PGD = AdvPropConfig(steps=10, step_size=0.5, eps=2.0, random_start=True)
-# A feature attack where A-FAN trains (after block1), four times its training step.
-FEATURE = {"layer": "block1", "gamma": 2.0, "steps": 5}
+# A feature attack where A-FAN trains (after block1), four times its training step, scored
+# on the adversarial feature itself.
+FEATURE = FeatureAttack(layer="block1", gamma=2.0, steps=5, strength=1.0)
 COLUMNS = {"clean": "clean", "pgd": "PGD 2/255", "feature": "feature (block1)", "corruption": "corruptions"}
 
 
@@ -51,7 +52,7 @@ def robustness(checkpoint: Path, cfg: TrainConfig, device) -> dict:
         return evaluate(model, loader, device, predict=predict, desc="score")["top1"]
 
     return {"clean": accuracy(splits.test), "pgd": accuracy(splits.test, pgd_logits(model, PGD)),
-            "feature": accuracy(splits.test, feature_logits(model, **FEATURE)),
+            "feature": accuracy(splits.test, feature_logits(model, FEATURE)),
             "corruption": corruption_sweep(splits.test, accuracy, list(CORRUPTIONS), seed=cfg.seed)[-1]["score"]}
 
 

@@ -1,7 +1,6 @@
 """Accuracy of a classifier on a data loader: clean, under pixel PGD or under a feature attack."""
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Optional
 
 import torch
@@ -11,6 +10,7 @@ import afan
 
 from afan_harness import distributed
 from afan_harness.rundir import progress
+from afan_harness.robustness import FeatureAttack
 from Classification.config import AdvPropConfig
 from Classification.steps import pixel_pgd
 
@@ -20,21 +20,20 @@ def pgd_logits(model, attack: AdvPropConfig, bn: str = "main") -> Callable:
     attack's passes through its main or, with ``bn="aux"``, its auxiliary BN (AdvProp's
     question: which BN should the attacker see); the logits always use the main BN."""
     def predict(x, y):
-        with afan.use_aux_bn(model) if bn == "aux" else contextlib.nullcontext():
+        with afan.use_aux_bn(model, enabled=bn == "aux", in_eval=True):
             adversarial = pixel_pgd(model, x, y, attack)
         return model(adversarial)
     return predict
 
 
-def feature_logits(model, layer: str, gamma: float, steps: int) -> Callable:
-    """``predict(x, y)``: the logits of the model with the feature after ``layer`` moved by
-    ``steps`` sign-gradient steps of ``gamma / 255`` up the loss (the release's SE attack,
-    as its ``eval_sat_layers.py`` applies it to a trained model)."""
+def feature_logits(model, attack: FeatureAttack) -> Callable:
+    """``predict(x, y)``: the logits of the model on the feature after ``attack.layer``
+    perturbed by ``attack`` (the release's ``eval_sat_layers.py``)."""
     def predict(x, y):
-        h = model.head(x, layer)
-        h_adv = afan.feature_pgd(h, lambda f: F.cross_entropy(model.tail(f, layer), y), steps=steps,
-                                 step_size=gamma / 255)
-        return model.tail(h_adv, layer)
+        with torch.no_grad():
+            h = model.head(x, attack.layer)
+        feature = attack.perturb(h, lambda f: F.cross_entropy(model.tail(f, attack.layer), y))
+        return model.tail(feature, attack.layer)
     return predict
 
 

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 import afan
 from afan_harness import distributed
-from afan_harness.cli import train_main
+from afan_harness.cli import train_entry
 from afan_harness.config import ConfigError
-from afan_harness.loop import Job, launcher, run_loop
+from afan_harness.loop import Job, mode_step, run_loop
 from afan_harness.runtime import compile_parts, seed_everything
 from Classification.config import OptimConfig, TrainConfig
 from Classification.data import build_datasets, make_loader
@@ -92,14 +92,11 @@ def make_optimizer(model, cfg: TrainConfig, iters_per_epoch: int):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
 
 
+STEPS = {"base": base_step, "afan": afan_step, "advprop": advprop_step, "learnable": learnable_step}
+
+
 def training_step(model, x, y, cfg: TrainConfig):
-    if cfg.mode == "afan":
-        return afan_step(model, x, y, cfg.afan)
-    if cfg.mode == "advprop":
-        return advprop_step(model, x, y, cfg.advprop)
-    if cfg.mode == "learnable":
-        return learnable_step(model, x, y, cfg.learnable)
-    return base_step(model, x, y)
+    return mode_step(STEPS, cfg, model, x, y)
 
 
 def step_values(result, batch) -> dict:
@@ -153,12 +150,8 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
                             test_top5=test["top5"], sec_per_epoch=finished.mean("time"))
 
 
-run = launcher(_train)
-
-
-def main(argv=None) -> int:
-    return train_main(argv, config_cls=TrainConfig, run=run, description="Train a classifier (base, A-FAN, AdvProp or learnable A-FAN).",
-                      module="Classification.train", configs=Path(__file__).resolve().parent / "configs")
+run, main = train_entry(_train, TrainConfig, "Classification.train", __file__,
+                        description="Train a classifier (base, A-FAN, AdvProp or learnable A-FAN).")
 
 
 if __name__ == "__main__":

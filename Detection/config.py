@@ -68,6 +68,9 @@ class AfanConfig(SeSdConfig):
     gamma_sd: float = 0.1
     w: float = 0.3  # weight of the SD loss (the release's sd_adv_loss_weight)
     only_roi: bool = True  # the SD attack's loss is the RoI losses only (no effect on its result)
+    # The n strengths in one tail pass over n x B images (frozen BatchNorm only; see
+    # Detection.steps._joined_strengths): fewer, larger kernels, the n graphs held together.
+    batched: bool = False
 
 
 @dataclass
@@ -106,3 +109,7 @@ class TrainConfig(IterationRun):
         if needs_bn and self.model.norm != "bn":
             raise ValueError("auxiliary BN (mode=advprop or afan.aux_bn=true) needs trainable "
                              "BatchNorm: add model.norm=bn")
+        if self.afan.batched and (self.model.norm != "frozen" or self.afan.multi.layers):
+            raise ValueError("afan.batched joins the strengths of one SE stage in one pass, which needs every "
+                             "BatchNorm frozen (model.norm=frozen) and one SE stage (no afan.multi.layers); "
+                             "set afan.batched=false")

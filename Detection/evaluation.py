@@ -23,15 +23,20 @@ import io
 import json
 import math
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 
+import afan
 from afan_harness import distributed
 from afan_harness.checkpoint import atomic_open
+from afan_harness.robustness import FeatureAttack
 from afan_harness.rundir import progress
+from afan_harness.settings import AdvPropConfig
 from Detection.data import make_loader, to_device
+from Detection.models.parts import head, losses_mode, prepare, tail, tail_detections
+from Detection.steps import pixel_pgd, total_loss
 
 __all__ = ["voc_ap", "voc_eval", "coco_eval", "evaluate", "save_per_class_csv", "save_coco_json",
            "detection_figure", "draw_detections", "box_iou"]
@@ -362,13 +367,14 @@ def save_coco_json(detections: Mapping, eval_info, path) -> Path:
 
 
 def predict(model, dataset, device, batch_size: int = 4, process: Optional[distributed.Process] = None,
-            attack=None) -> dict:
+            outputs: Optional[Callable] = None) -> dict:
     """image_id -> {"boxes", "labels", "scores"} (CPU tensors) for every image of ``dataset``,
-    in the data set's order, or with ``attack(images, targets) -> images`` (e.g. input PGD)
-    of the images it makes; the model is left in the mode it was in (training goes on after an
-    evaluation). Under torchrun (``process`` in a process group) each process predicts its
-    ``distributed.shard`` of ``dataset`` (pass the whole data set) and every process returns the
-    detections of all images; every process must call it."""
+    in the data set's order: ``model(images)``, or ``outputs(images, targets)`` in its place
+    (an attacked model, see :func:`pgd_outputs`, :func:`feature_outputs`); the model is left
+    in the mode it was in (training goes on after an evaluation). Under torchrun (``process``
+    in a process group) each process predicts its ``distributed.shard`` of ``dataset`` (pass
+    the whole data set) and every process returns the detections of all images; every process
+    must call it."""
     process = process or distributed.Process()
     was_training = model.training
     model.eval()
@@ -376,15 +382,46 @@ def predict(model, dataset, device, batch_size: int = 4, process: Optional[distr
     loader = make_loader(distributed.shard(dataset, process), batch_size, train=False, workers=0, seed=0)
     for images, targets in progress(loader, desc="predict", leave=False):
         images, targets = to_device(images, targets, device)
-        if attack is not None:
-            images = attack(images, targets)
-        with torch.no_grad():
-            outputs = model(images)
-        for target, output in zip(targets, outputs):
-            found.append((int(target["image_id"]), {k: v.cpu() for k, v in output.items()}))
+        if outputs is None:
+            with torch.no_grad():
+                batch = model(images)
+        else:
+            batch = outputs(images, targets)
+        for target, output in zip(targets, batch):
+            found.append((int(target["image_id"]), {k: v.detach().cpu() for k, v in output.items()}))
     model.train(was_training)
     # The data set's order, as one process would have it: VOC matching breaks score ties by it.
     return dict(distributed.gather_shards(found, process))
+
+
+def pgd_outputs(model, attack: AdvPropConfig, bn: str = "main") -> Callable:
+    """``outputs(images, targets)`` for :func:`predict`: the detections of input PGD images,
+    made against the total training loss (``losses_mode``, as the release's ``eval_PGD``),
+    the attack's passes through the main or, with ``bn="aux"``, the auxiliary BN."""
+    def outputs(images, targets):
+        with losses_mode(model), afan.use_aux_bn(model, enabled=bn == "aux", in_eval=True):
+            adversarial = pixel_pgd(model, images, targets, attack)
+        with torch.no_grad():
+            return model(adversarial)
+    return outputs
+
+
+def feature_outputs(model, attack: FeatureAttack) -> Callable:
+    """``outputs(images, targets)`` for :func:`predict`: the detections from the backbone
+    feature after ``attack.layer`` perturbed by ``attack`` against the total training loss
+    (``losses_mode``), the release's ``eval_sat_layers.py``."""
+    at = attack.layer
+
+    def outputs(images, targets):
+        with losses_mode(model):
+            image_list, scaled = prepare(model, images, targets)
+            with torch.no_grad():
+                feats = head(model, image_list.tensors, at)
+            feature = attack.perturb(feats[at], lambda f: total_loss(tail(model, {**feats, at: f}, at, image_list,
+                                                                                 scaled)))
+        with torch.no_grad():
+            return tail_detections(model, {**feats, at: feature}, at, image_list, [image.shape[-2:] for image in images])
+    return outputs
 
 
 def run_evaluation(model, splits, device, out_dir, *, draw: int = 4, write: bool = True,

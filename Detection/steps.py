@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torchvision.models.detection.image_list import ImageList
 
 import afan
 from afan_harness.settings import AdvPropConfig
@@ -32,7 +33,8 @@ class StepResult:
     sd_perturbation: Optional[Tensor] = None  # SD: adversarial minus clean pooled RoI features
 
 
-def _total(losses: dict[str, Tensor]) -> Tensor:
+def total_loss(losses: dict[str, Tensor]) -> Tensor:
+    """The detection loss: the sum of the pass's losses (torchvision's four)."""
     return sum(losses.values())
 
 
@@ -43,7 +45,7 @@ def _detached(losses: dict[str, Tensor]) -> dict[str, Tensor]:
 def base_step(model, images: list[Tensor], targets: Targets) -> StepResult:
     """Plain Faster R-CNN: the sum of torchvision's four losses (``losses`` holds them)."""
     losses = forward_losses(model, images, targets)
-    return StepResult(_total(losses), _detached(losses))
+    return StepResult(total_loss(losses), _detached(losses))
 
 
 def se_attack(model, feats, at: str, image_list, targets: Targets, cfg: AfanConfig, *,
@@ -61,7 +63,7 @@ def se_attack(model, feats, at: str, image_list, targets: Targets, cfg: AfanConf
     fixed = {name: f.detach() for name, f in feats.items()}
 
     def loss_fn(feature):
-        return _total(tail(model, {**fixed, at: feature}, at, image_list, targets))
+        return total_loss(tail(model, {**fixed, at: feature}, at, image_list, targets))
 
     step_size = (cfg.gamma_se if gamma is None else gamma) / 255
     with afan.frozen_bn_stats(model, cfg.freeze_attack_bn), afan.use_aux_bn(model, enabled=cfg.aux_bn):
@@ -77,7 +79,7 @@ def sd_attack(model, sample: RoiSample, rpn_losses: Tensor, cfg: AfanConfig) -> 
     constant = 0 if cfg.only_roi else rpn_losses.detach()
 
     def loss_fn(box_features):
-        return _total(predictor_losses(model.roi_heads, box_features, sample.labels, sample.regression_targets)) + constant
+        return total_loss(predictor_losses(model.roi_heads, box_features, sample.labels, sample.regression_targets)) + constant
 
     with afan.frozen_bn_stats(model, cfg.freeze_attack_bn), afan.use_aux_bn(model, enabled=cfg.aux_bn):
         return afan.feature_pgd(sample.box_features, loss_fn, steps=cfg.sd_steps, step_size=cfg.gamma_sd / 255,
@@ -98,7 +100,7 @@ def sd_term(model, clean: dict[str, Tensor], roi: RoiSample, cfg: AfanConfig) ->
         noise = torch.rand_like(sd_feature) * 2 - 1
         sd_feature = sd_feature + noise * (cfg.gamma_sd * cfg.sd_noise)
     with afan.use_aux_bn(model, enabled=cfg.aux_bn):
-        loss_sd = _total(predictor_losses(model.roi_heads, sd_feature, roi.labels, roi.regression_targets))
+        loss_sd = total_loss(predictor_losses(model.roi_heads, sd_feature, roi.labels, roi.regression_targets))
     return loss_sd + rpn_losses, box_adv - clean_box
 
 
@@ -106,8 +108,8 @@ def input_pgd_term(model, images: list[Tensor], targets: Targets, cfg: AfanConfi
     """``L(x_adv)``, the total detection loss of pixel PGD images (``cfg.input_pgd``, the
     release's ``attack_algo.adv_input``), the attack's passes as A-FAN's (``attack_bn_stats``)."""
     with afan.frozen_bn_stats(model, cfg.freeze_attack_bn):
-        adv = afan.pixel_pgd(images, lambda x: _total(forward_losses(model, x, targets)), **cfg.input_pgd.attack())
-    return _total(forward_losses(model, adv, targets))
+        adv = afan.pixel_pgd(images, lambda x: total_loss(forward_losses(model, x, targets)), **cfg.input_pgd.attack())
+    return total_loss(forward_losses(model, adv, targets))
 
 
 def afan_step(model, images: list[Tensor], targets: Targets, cfg: AfanConfig) -> StepResult:
@@ -122,8 +124,10 @@ def afan_step(model, images: list[Tensor], targets: Targets, cfg: AfanConfig) ->
     kept as released (it is not ``/ (n + 1)``); without SD (``sd=False``) the loss is
     ``(L_0 + ... + L_n) / 3``. With ``cfg.multi.layers`` the step is :func:`multi_layer_step`;
     with ``cfg.input_pgd`` the PGD images' loss replaces ``L_0`` or is added (docs/method.md,
-    "The variants"). ``losses`` holds the clean pass's four losses and ``loss_0`` ... ``loss_n``,
-    ``loss_sd`` (and ``loss_input_pgd``).
+    "The variants"). With ``cfg.batched`` the strengths run as one tail pass
+    (:func:`_joined_strengths`). ``losses`` holds the clean pass's four losses and ``loss_0``
+    ... ``loss_n`` (batched: ``loss_strengths``, their mean), ``loss_sd`` (and
+    ``loss_input_pgd``).
     """
     if cfg.multi.layers:
         return multi_layer_step(model, images, targets, cfg)
@@ -132,7 +136,7 @@ def afan_step(model, images: list[Tensor], targets: Targets, cfg: AfanConfig) ->
     at = cfg.se_layer
     feats = head(model, image_list.tensors, at)  # clean features, reused by every pass below
     clean, roi = tail(model, feats, at, image_list, targets, return_roi=True)
-    terms = {"loss_0": pgd_loss if cfg.input_pgd.replaces_clean else _total(clean)}
+    terms = {"loss_0": pgd_loss if cfg.input_pgd.replaces_clean else total_loss(clean)}
 
     # SE: attack, strengths, adversarial feature normalization, one tail pass each, each
     # back-propagated at once (its graph freed) towards the shared clean features. As
@@ -147,14 +151,17 @@ def afan_step(model, images: list[Tensor], targets: Targets, cfg: AfanConfig) ->
         def loss(*inputs):
             inputs = dict(zip(names, inputs))
             feature = afan.mixed_strength(inputs[at], h_adv, i, cfg.mask)
-            return _total(tail(model, {**inputs, at: feature}, at, image_list, targets))
+            return total_loss(tail(model, {**inputs, at: feature}, at, image_list, targets))
         return loss
 
+    passes = ([_joined_strengths(model, names, at, h_adv, cfg, image_list, targets)] if cfg.batched
+              else [strength_loss(i) for i in range(1, cfg.n + 1)])
     with afan.use_aux_bn(model, enabled=cfg.aux_bn):
-        strengths_loss, values = afan.backward_each([shared[k] for k in names],
-                                                    [strength_loss(i) for i in range(1, cfg.n + 1)],
-                                                    model.parameters())
-    terms.update({f"loss_{i}": value for i, value in enumerate(values, start=1)})
+        strengths_loss, values = afan.backward_each([shared[k] for k in names], passes, model.parameters())
+    if cfg.batched:
+        terms["loss_strengths"] = values[0] / cfg.n
+    else:
+        terms.update({f"loss_{i}": value for i, value in enumerate(values, start=1)})
     loss = (terms["loss_0"] + strengths_loss) / 3
 
     sd_perturbation = None
@@ -167,13 +174,33 @@ def afan_step(model, images: list[Tensor], targets: Targets, cfg: AfanConfig) ->
     return StepResult(loss, {**_detached(clean), **_detached(terms)}, (h_adv - h.detach()), sd_perturbation)
 
 
+def _joined_strengths(model, names: list[str], at: str, h_adv: Tensor, cfg: AfanConfig, image_list, targets: Targets):
+    """``cfg.batched``: the sum of the ``n`` strengths' losses from one tail pass over the
+    ``n × B`` images, each image once per strength (as a function of the shared features
+    named ``names``, for ``afan.backward_each``). Every image samples its own anchors and RoIs,
+    and the RPN and RoI losses average over the sampled ones, so the joined pass's loss is the
+    mean of the ``n`` passes' wherever each image samples its full count (``roi_batch_size``
+    RoIs, 256 anchors), as on real data; the tail's layers must treat each image on its own
+    (frozen BatchNorm, ``afan.per_sample_only``)."""
+    n = cfg.n
+
+    def loss(*inputs):
+        inputs = dict(zip(names, inputs))
+        feats = {name: torch.cat([feature] * n) for name, feature in inputs.items()}
+        feats[at] = torch.cat([afan.mixed_strength(inputs[at], h_adv, i, cfg.mask) for i in range(1, n + 1)])
+        images = ImageList(torch.cat([image_list.tensors] * n), list(image_list.image_sizes) * n)
+        with afan.per_sample_only(model):
+            return n * total_loss(tail(model, feats, at, images, list(targets) * n))
+    return loss
+
+
 def _adversarial_tail(model, names: list[str], at: str, h_adv: Tensor, mix: str, image_list, targets: Targets):
     """The loss of the tail on ``h_adv`` (re-normalised to the clean statistics where ``mix``
     is "1"), as a function of the shared features named ``names`` (for ``afan.backward_each``)."""
     def loss(*inputs):
         inputs = dict(zip(names, inputs))
         feature = afan.mixed_strength(inputs[at], h_adv, 1, mix)
-        return _total(tail(model, {**inputs, at: feature}, at, image_list, targets))
+        return total_loss(tail(model, {**inputs, at: feature}, at, image_list, targets))
     return loss
 
 
@@ -199,7 +226,7 @@ def multi_layer_step(model, images: list[Tensor], targets: Targets, cfg: AfanCon
     deepest = max(m.layers, key=model.split_points.index)
     clean_feats = head(model, image_list.tensors, deepest)  # the clean pass's head, reused by its stage
     clean, roi = tail(model, clean_feats, deepest, image_list, targets, return_roi=True)
-    terms = {"loss_0": pgd_loss if cfg.input_pgd.replaces_clean else _total(clean)}
+    terms = {"loss_0": pgd_loss if cfg.input_pgd.replaces_clean else total_loss(clean)}
     loss = m.weights[0] * terms["loss_0"]
     perturbations = []
     for k, at in enumerate(m.layers):
@@ -225,7 +252,7 @@ def multi_layer_step(model, images: list[Tensor], targets: Targets, cfg: AfanCon
 def pixel_pgd(model, images: list[Tensor], targets: Targets, cfg: AdvPropConfig) -> list[Tensor]:
     """L-infinity PGD images in [0, 1] around ``images`` against the total detection loss
     (radius and step in units of 1/255; images may differ in size, see ``afan.pixel_pgd``)."""
-    return afan.pixel_pgd(images, lambda adv: _total(forward_losses(model, adv, targets)), **cfg.attack())
+    return afan.pixel_pgd(images, lambda adv: total_loss(forward_losses(model, adv, targets)), **cfg.attack())
 
 
 def advprop_step(model, images: list[Tensor], targets: Targets, cfg: AdvPropConfig) -> StepResult:
@@ -234,5 +261,5 @@ def advprop_step(model, images: list[Tensor], targets: Targets, cfg: AdvPropConf
     ``afan.convert_aux_bn`` (needs ``norm="bn"``). ``losses``: the clean pass's four
     losses, ``loss_clean`` and ``loss_adv``."""
     objective = afan.AdvProp(model, **cfg.attack(), forward=forward_losses)
-    result = objective.step(images, targets, lambda losses, _: _total(losses))
+    result = objective.step(images, targets, lambda losses, _: total_loss(losses))
     return StepResult(result.loss, {**_detached(result.output), **result.losses})

@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import bisect
 import sys
-from pathlib import Path
 
 import torch
 
 import afan
 from afan_harness import distributed
-from afan_harness.checkpoint import save_checkpoint
-from afan_harness.cli import train_main, warn_random_backbone
-from afan_harness.loop import Job, launcher, run_loop
+from afan_harness.cli import train_entry, warn_random_backbone
+from afan_harness.loop import Job, mode_step, run_loop
 from afan_harness.rundir import perturbation_sizes
 from afan_harness.runtime import compile_parts, seed_everything
 from Detection.config import OptimConfig, TrainConfig
@@ -58,12 +56,11 @@ def build_model(cfg: TrainConfig, num_classes: int, device) -> torch.nn.Module:
     return model
 
 
+STEPS = {"base": base_step, "afan": afan_step, "advprop": advprop_step}
+
+
 def training_step(model, images, targets, cfg: TrainConfig):
-    if cfg.mode == "afan":
-        return afan_step(model, images, targets, cfg.afan)
-    if cfg.mode == "advprop":
-        return advprop_step(model, images, targets, cfg.advprop)
-    return base_step(model, images, targets)
+    return mode_step(STEPS, cfg, model, images, targets)
 
 
 def step_values(result, batch) -> dict:
@@ -101,21 +98,11 @@ def _train(cfg: TrainConfig, process: distributed.Process, device, *, resume: bo
     metrics = finished.final_scores
     if metrics is None:  # no evaluation at the last iteration (or resumed after it)
         metrics = run_evaluation(final, splits, device, cfg.out, draw=cfg.draw_images, process=process)
-    run_dir = finished.run_dir
-    if run_dir is None:
-        return {}
-    save_checkpoint(checkpoint_payload(final), run_dir.file("final.pth"))
-    return finished.summary(cfg.model.name, iterations=cfg.iterations, **metrics,
-                            **{f"best_{best_key}": max(finished.best, metrics[best_key])},
-                            sec_per_iter=finished.mean("sec_per_iter"))
+    return finished.final_summary(cfg.model.name, checkpoint_payload(final), metrics, best_key)
 
 
-run = launcher(_train)
-
-
-def main(argv=None) -> int:
-    return train_main(argv, config_cls=TrainConfig, run=run, description="Train a Faster R-CNN (base, A-FAN or AdvProp).",
-                      module="Detection.train", configs=Path(__file__).resolve().parent / "configs")
+run, main = train_entry(_train, TrainConfig, "Detection.train", __file__,
+                        description="Train a Faster R-CNN (base, A-FAN or AdvProp).")
 
 
 if __name__ == "__main__":

@@ -4,18 +4,22 @@ release's ``--crop_val``) or sliding-window inference, the confusion-matrix metr
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Subset
 
+import afan
 from afan_harness import distributed
+from afan_harness.robustness import FeatureAttack
 from afan_harness.rundir import progress
+from afan_harness.settings import AdvPropConfig
 from Segmentation.config import EvalConfig
 from Segmentation.data import center_crop_view, make_loader
 from Segmentation.metrics import SegmentationMetric, colorize, write_per_class_csv
+from Segmentation.steps import pixel_pgd, segmentation_loss
 
 
 def window_starts(length: int, crop: int, stride: int) -> list[int]:
@@ -26,27 +30,65 @@ def window_starts(length: int, crop: int, stride: int) -> list[int]:
     return list(range(0, length - crop, stride)) + [length - crop]
 
 
-def sliding_logits(model, images: Tensor, num_classes: int, crop: int, stride: int) -> Tensor:
-    """Logits of ``crop`` x ``crop`` windows, averaged where windows overlap."""
+def sliding_logits(forward: Callable, images: Tensor, masks: Optional[Tensor], num_classes: int, crop: int,
+                   stride: int) -> Tensor:
+    """Logits of ``crop`` x ``crop`` windows, ``forward(window, its masks)``, averaged where
+    windows overlap (``masks`` may be None for a forward that does not read them)."""
     n, _, height, width = images.shape
     total = images.new_zeros(n, num_classes, height, width)
     count = images.new_zeros(1, 1, height, width)
     for top in window_starts(height, crop, stride):
         for left in window_starts(width, crop, stride):
-            window = images[:, :, top:top + crop, left:left + crop]
-            total[:, :, top:top + crop, left:left + crop] += model(window)
-            count[:, :, top:top + crop, left:left + crop] += 1
+            window = (slice(top, top + crop), slice(left, left + crop))
+            total[:, :, window[0], window[1]] += forward(images[:, :, window[0], window[1]],
+                                                         None if masks is None else masks[:, window[0], window[1]])
+            count[:, :, window[0], window[1]] += 1
     return total / count
 
 
-@torch.no_grad()
-def predict(model, images: Tensor, num_classes: int, cfg: EvalConfig) -> Tensor:
-    """Class ids ``[N, H, W]`` for a batch of [0, 1] images."""
-    if cfg.mode == "sliding":
-        logits = sliding_logits(model, images, num_classes, cfg.crop, cfg.stride)
-    else:  # whole images, or the centre crops `evaluate` prepares for mode "crop"
-        logits = model(images)
-    return logits.argmax(dim=1)
+def predict(model, images: Tensor, num_classes: int, cfg: EvalConfig, *, masks: Optional[Tensor] = None,
+            forward: Optional[Callable] = None) -> Tensor:
+    """Class ids ``[N, H, W]`` for a batch of [0, 1] images: of ``model(images)``, or of
+    ``forward(images, masks) -> logits`` in the model's place (an attacked model, see
+    :func:`pgd_logits`, :func:`feature_logits`; with sliding windows it sees each window and
+    its masks)."""
+    def logits(run):
+        if cfg.mode == "sliding":
+            return sliding_logits(run, images, masks, num_classes, cfg.crop, cfg.stride)
+        return run(images, masks)  # whole images, or the centre crops `evaluate` prepares for mode "crop"
+
+    if forward is not None:
+        return logits(forward).detach().argmax(dim=1)
+    with torch.no_grad():
+        return logits(lambda x, _: model(x)).argmax(dim=1)
+
+
+def pgd_logits(model, attack: AdvPropConfig, bn: str = "main") -> Callable:
+    """``forward(images, masks)`` for :func:`predict`: the logits of input PGD images made
+    against the model in eval mode, the attack's passes through its main or, with
+    ``bn="aux"``, its auxiliary BN; the logits always use the main BN."""
+    def forward(images, masks):
+        with afan.use_aux_bn(model, enabled=bn == "aux", in_eval=True):
+            adversarial = pixel_pgd(model, images, masks, attack)
+        with torch.no_grad():
+            return model(adversarial)
+    return forward
+
+
+def feature_logits(model, attack: FeatureAttack) -> Callable:
+    """``forward(images, masks)`` for :func:`predict`: the logits from the backbone feature
+    after ``attack.layer`` perturbed by ``attack`` against the segmentation loss, the decoder
+    reading the clean low-level feature (as the SE attack in training does)."""
+    at = attack.layer
+
+    def forward(images, masks):
+        size = images.shape[-2:]
+        with torch.no_grad():
+            h, low_level = model.head(images, at)
+        feature = attack.perturb(h, lambda f: segmentation_loss(model.tail(f, at, low_level, size), masks))
+        with torch.no_grad():
+            return model.tail(feature, at, low_level, size)
+    return forward
 
 
 def _batches(batch):
@@ -85,24 +127,22 @@ def segmentation_figure(image: Tensor, mask: Tensor, pred: Tensor, palette, clas
     return figure
 
 
-def _predictions(model, dataset, device, num_classes: int, cfg: EvalConfig, workers: int, attack=None):
+def _predictions(model, dataset, device, num_classes: int, cfg: EvalConfig, workers: int, forward=None):
     """(images, masks, predictions) on ``device``, batch by batch through ``dataset``; with
-    ``attack(images, masks) -> images``, of the attacked images."""
+    ``forward(images, masks) -> logits``, of it in the model's place (see :func:`predict`)."""
     loader = make_loader(dataset, cfg.batch_size, train=False, workers=workers, seed=0)
     for batch in progress(loader, desc="evaluate", leave=False):
         for images, masks in _batches(batch):
             images, masks = images.to(device), masks.to(device)
-            if attack is not None:
-                images = attack(images, masks)
-            yield images, masks, predict(model, images, num_classes, cfg)
+            yield images, masks, predict(model, images, num_classes, cfg, masks=masks, forward=forward)
 
 
 def evaluate(model, dataset, device, num_classes: int, cfg: EvalConfig, *, pictures_dir=None,
              palette=None, class_names=(), workers: int = 0, process: Optional[distributed.Process] = None,
-             attack=None) -> dict:
-    """Scores of ``model`` on ``dataset`` (see ``Segmentation.metrics.scores``), or with
-    ``attack(images, masks) -> images`` (e.g. input PGD) on the images it makes; with
-    ``pictures_dir``, the first ``cfg.save_images`` images are saved with ground truth and
+             forward=None) -> dict:
+    """Scores of ``model`` on ``dataset`` (see ``Segmentation.metrics.scores``), or of
+    ``forward(images, masks) -> logits`` in its place (an attacked model, see :func:`predict`);
+    with ``pictures_dir``, the first ``cfg.save_images`` images are saved with ground truth and
     prediction as ``pred_<k>.png``. ``cfg.mode="crop"`` scores the centre crops of
     ``Segmentation.data.center_crop_view`` instead of the whole images.
 
@@ -120,14 +160,14 @@ def evaluate(model, dataset, device, num_classes: int, cfg: EvalConfig, *, pictu
     pictures = []  # (image, mask, prediction) of the first images, as far as they are known yet
     try:
         for images, masks, preds in _predictions(model, distributed.shard(dataset, process), device, num_classes, cfg,
-                                                 workers, attack):
+                                                 workers, forward):
             metric.update(preds, masks)
             if pictures_dir is not None and not process.distributed:  # one process: its batches come in order
                 pictures.extend(zip(images, masks, preds))
                 del pictures[cfg.save_images:]
         if pictures_dir is not None and process.distributed and process.is_main:
             first = Subset(dataset, range(min(cfg.save_images, len(dataset))))
-            for images, masks, preds in _predictions(model, first, device, num_classes, cfg, 0, attack):  # a few images
+            for images, masks, preds in _predictions(model, first, device, num_classes, cfg, 0, forward):  # a few images
                 pictures.extend(zip(images, masks, preds))
     finally:
         model.train(was_training)

@@ -5,6 +5,10 @@ as CSV and a few colourised predictions (image | ground truth | prediction) as P
     python -m Segmentation.test --checkpoint best_deeplabv3plus_resnet50_voc_os16.pth \
         data.name=voc12 eval.mode=sliding
 
+On request also its robustness: under input PGD (the release's ``--eval_pgd``), with a backbone
+feature perturbed and under common corruptions (``--pgd-eps``, ``--feature-layer``,
+``--corruptions``; see ``--help``).
+
 The data and evaluation settings are those of the run that wrote the checkpoint (its
 ``config.yaml``); ``data.KEY=VALUE`` and ``eval.KEY=VALUE`` change them, and the script says
 which. Accepts this project's checkpoints, DeepLabV3Plus-Pytorch's ``{'model_state': ...}``
@@ -16,18 +20,16 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from afan_harness.cli import pgd_settings, robustness_arguments, test_main, test_output
-from afan_harness.robustness import corruption_score
+from afan_harness.cli import robustness_scores, test_entry, test_output
 from Segmentation.config import TrainConfig
 from Segmentation.data import build_datasets
-from Segmentation.evaluation import evaluate, run_evaluation
+from Segmentation.evaluation import evaluate, feature_logits, pgd_logits, run_evaluation
 from Segmentation.models import load_model
-from Segmentation.steps import pixel_pgd
+from Segmentation.train import build_model
 
 
 def arguments(parser) -> None:
     parser.add_argument("--output-stride", type=int, choices=(8, 16), help="default: the one training recorded, else 16")
-    robustness_arguments(parser)
 
 
 def load(args, cfg, splits, device):
@@ -40,26 +42,19 @@ def score(args, cfg, splits, model, device) -> dict:
     metrics = run_evaluation(model, splits, device, out, cfg.eval, workers=cfg.data.workers)
     quiet = dataclasses.replace(cfg.eval, save_images=0)
 
-    def miou(dataset, attack=None) -> float:
-        return evaluate(model, dataset, device, splits.num_classes, quiet, workers=cfg.data.workers,
-                        attack=attack)["miou"]
+    def scores(dataset, forward=None) -> dict:
+        found = evaluate(model, dataset, device, splits.num_classes, quiet, workers=cfg.data.workers, forward=forward)
+        return {k: v for k, v in found.items() if k != "per_class_iou"}
 
-    if args.pgd_eps > 0:
-        attack = pgd_settings(args)
-        metrics.update(pgd_miou=miou(splits.val, lambda images, masks: pixel_pgd(model, images, masks, attack)),
-                       pgd_eps=args.pgd_eps, pgd_steps=args.pgd_steps)
-    if args.corruptions:
-        metrics["corruption_miou"] = corruption_score(splits.val, miou, args.corruptions, args.severities, cfg.seed,
-                                                      "miou", out)
-    return {**metrics, "out": str(out)}
+    return {**metrics, **robustness_scores(args, splits.val, scores, pgd=lambda attack, bn: pgd_logits(model, attack, bn),
+                                           feature=lambda attack: feature_logits(model, attack), metric="miou",
+                                           seed=cfg.seed, out=out), "out": str(out)}
 
 
-def main(argv=None) -> int:
-    return test_main(argv, description="Evaluate a DeepLabv3+ checkpoint.", config_cls=TrainConfig,
-                     sections=("data", "eval"), build_datasets=build_datasets, load=load, score=score,
-                     model_help="architecture name, if it cannot be read off the file",
-                     out_help="folder for per_class_iou.csv and pred_*.png (default: test_<data> next to the "
-                              "checkpoint, never over an earlier one)", arguments=arguments)
+main = test_entry(description="Evaluate a DeepLabv3+ checkpoint.", config_cls=TrainConfig,
+                  sections=("data", "eval"), build_datasets=build_datasets, load=load, build=build_model,
+                  score=score, writes="per_class_iou.csv and pred_*.png", arguments=arguments,
+                  model_help="architecture name, if it cannot be read off the file")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ The method in five calls::
     with afan.use_aux_bn(model):                           # auxiliary BN for adversarial passes
         loss_adv = sum(loss(tail(f), y) for f in feats)
 """
-from .batched import batch_strengths
+from .batched import batch_strengths, per_sample_only
 from .input_norm import Normalize
 from .norm import (
     AuxBatchNorm2d,
@@ -56,6 +56,7 @@ __all__ = [
     "mix_by_mask",
     "mix_statistics",
     "mixed_strength",
+    "per_sample_only",
     "pixel_pgd",
     "split",
     "strip_aux_bn",

@@ -33,7 +33,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 from afan.norm import AuxBatchNorm2d, AuxNorm
 
-__all__ = ["batch_strengths"]
+__all__ = ["batch_strengths", "per_sample_only"]
 
 
 def _batch_dependence(module: nn.Module) -> Optional[str]:
@@ -77,9 +77,17 @@ class _RefuseBatchDependence:
         )
 
 
-def _module_names(model: Optional[nn.Module], tail) -> dict[int, str]:
-    source = model if model is not None else tail if isinstance(tail, nn.Module) else None
+def _module_names(source: Optional[nn.Module]) -> dict[int, str]:
     return {} if source is None else {id(m): name for name, m in source.named_modules() if name}
+
+
+def per_sample_only(model: Optional[nn.Module] = None) -> _RefuseBatchDependence:
+    """A context in which every forward pass of a layer whose output for one sample would
+    depend on the other samples of its batch (see the module docstring) raises a ValueError,
+    before the layer runs, naming it by its name in ``model``: for a pass of your own over
+    several strengths joined along the batch, where :func:`batch_strengths` cannot split the
+    output per strength (e.g. a detector's losses)."""
+    return _RefuseBatchDependence(_module_names(model))
 
 
 def _repeated(value: Any, n: int) -> Tensor:
@@ -131,6 +139,6 @@ def batch_strengths(tail: Callable, features: Sequence[Tensor], criterion: Calla
     n = len(features)
     if getattr(tail, "needs_input", True):
         inputs = tuple(_repeated(value, n) for value in inputs)
-    with _RefuseBatchDependence(_module_names(model, tail)):
+    with per_sample_only(model if model is not None else tail if isinstance(tail, nn.Module) else None):
         output = tail(torch.cat(list(features)), *inputs)
     return [criterion(part, target) for part in _split(output, n, n * shape[0])]

@@ -114,7 +114,7 @@ _SUPPORTED_KINDS = (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
 def _routed(layer: nn.Module, x: torch.Tensor, main) -> torch.Tensor:
     """``layer``'s output for ``x`` under the route ``use_aux_bn`` set on it; ``main(x)`` runs
     its main branch, ``layer.aux_bn`` holds the auxiliary ones."""
-    if not layer.training or layer.route is None:
+    if layer.route is None or not (layer.training or layer.__dict__.get("route_in_eval", False)):
         return main(x)
     if layer.route == "aux":
         return layer.aux_bn[0](x)
@@ -308,6 +308,7 @@ def _strip_(layer: Union[AuxBatchNorm2d, AuxNorm]) -> None:
     plain_type = layer.plain_type
     del layer.aux_bn
     del layer.route
+    layer.__dict__.pop("route_in_eval", None)
     layer.__dict__.pop("plain_type", None)  # AuxBatchNorm2d's; AuxNorm's is on the class
     layer.__class__ = plain_type
 
@@ -317,7 +318,8 @@ def _aux_layers(model: nn.Module) -> list[Union[AuxBatchNorm2d, AuxNorm]]:
 
 
 @contextlib.contextmanager
-def use_aux_bn(model: nn.Module, split: Optional[int] = None, enabled: bool = True) -> Iterator[None]:
+def use_aux_bn(model: nn.Module, split: Optional[int] = None, enabled: bool = True,
+               in_eval: bool = False) -> Iterator[None]:
     """Route training-mode passes of every auxiliary layer in ``model`` (``AuxBatchNorm2d``
     and ``AuxNorm``).
 
@@ -325,7 +327,10 @@ def use_aux_bn(model: nn.Module, split: Optional[int] = None, enabled: bool = Tr
     the batch is ``k`` equal chunks ``[clean; adv; ...]`` along dim 0 of every auxiliary
     layer's input, and only the first uses the main branch (so a sequence-first transformer,
     ``batch_first=False``, cannot use ``split``). ``enabled=False`` makes the context a no-op,
-    for code where auxiliary BN is optional.
+    for code where auxiliary BN is optional. Eval-mode passes use the main branch, as timm's
+    ``SplitBatchNorm2d`` does, unless ``in_eval=True``: then they are routed too, each branch
+    with its own running statistics (to evaluate or attack a model through its auxiliary
+    norms).
     """
     if not enabled:
         yield
@@ -339,15 +344,15 @@ def use_aux_bn(model: nn.Module, split: Optional[int] = None, enabled: bool = Tr
             "it first with afan.convert_aux_bn(model) (BatchNorm) or afan.convert_aux_norm(model) "
             "(also LayerNorm, GroupNorm), or pass enabled=False"
         )
-    previous = [layer.route for layer in layers]
+    previous = [(layer.route, layer.__dict__.get("route_in_eval", False)) for layer in layers]
     route = "aux" if split is None else int(split)
     try:
         for layer in layers:
-            layer.route = route
+            layer.route, layer.route_in_eval = route, in_eval
         yield
     finally:
-        for layer, old in zip(layers, previous):
-            layer.route = old
+        for layer, (old, old_in_eval) in zip(layers, previous):
+            layer.route, layer.route_in_eval = old, old_in_eval
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from afan.batched import batch_strengths
 from afan.norm import AuxBatchNorm2d, AuxNorm, check_mask, convert_aux_norm, frozen_bn_stats, mixed_strength, use_aux_bn
 from afan.passes import backward_each
 from afan.perturb import feature_pgd
@@ -143,13 +144,19 @@ class AFAN(nn.Module):
     strengths run through. ``attack_norm_stats="frozen"`` keeps BatchNorm running statistics
     out of the attack ("update": the release's attack passes update them);
     ``strengths_train_head=False`` builds the strengths from the detached clean feature, as
-    released, so they train the tail only.
+    released, so they train the tail only. ``batched=True`` runs the ``n`` strengths as one
+    tail pass over ``n × B`` samples (:func:`afan.batch_strengths`): the same loss and
+    gradients from fewer, larger kernels where every layer after the split point treats each
+    sample on its own (GroupNorm, LayerNorm, eval-mode or frozen BatchNorm); a tail with a
+    BatchNorm that normalises with its batch (training mode, auxiliary norms included) is
+    refused with a ValueError naming the layer. It holds the ``n`` graphs together until
+    their backward, where one pass per strength holds one.
     """
 
     def __init__(self, model: nn.Module, at: Optional[str] = None, *, steps: int = 5, step_size: float = 0.5 / 255,
                  eps: Optional[float] = None, norm: str = "inf", random_start: bool = False,
                  project: Optional[bool] = None, n: int = 1, mask: str = "0", mix_dim=None, aux_norm: bool = False,
-                 attack_norm_stats: str = "frozen", strengths_train_head: bool = False,
+                 attack_norm_stats: str = "frozen", strengths_train_head: bool = False, batched: bool = False,
                  head: Optional[Callable] = None, tail: Optional[Callable] = None, tail_needs_input: bool = False):
         super().__init__()
         _check_stats(attack_norm_stats)
@@ -173,6 +180,7 @@ class AFAN(nn.Module):
         self.n, self.mask, self.mix_dim = n, mask, mix_dim
         self.aux, self.freeze, self.detach = aux_norm or _has_aux(model), attack_norm_stats == "frozen", \
             not strengths_train_head
+        self.batched = batched
 
     def adversarial(self, x: Tensor, target, criterion: Criterion) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
         """The adversarial half of :meth:`step`, for a caller that computes the other term
@@ -188,14 +196,27 @@ class AFAN(nn.Module):
         with frozen_bn_stats(self.model, self.freeze), use_aux_bn(self.model, enabled=self.aux):
             h_adv = feature_pgd(h, loss_at, **self.attack)
 
-        def strength_loss(i):
-            return lambda clean: loss_at(mixed_strength(clean, h_adv, i, self.mask, dim=self.mix_dim))
+        def strength(clean, i):
+            return mixed_strength(clean, h_adv, i, self.mask, dim=self.mix_dim)
 
+        joined_values = []
+
+        def joined(clean):
+            # One tail pass over the strengths; each one's loss kept for the step's log.
+            extra = (x,) if self.needs_input else ()
+            losses = batch_strengths(tail, [strength(clean, i) for i in range(1, self.n + 1)], criterion, target,
+                                     *extra, model=self.model)
+            joined_values[:] = [loss.detach() for loss in losses]
+            return torch.stack(losses).sum()
+
+        def strength_loss(i):
+            return lambda clean: loss_at(strength(clean, i))
+
+        passes = [joined] if self.batched else [strength_loss(i) for i in range(1, self.n + 1)]
         with use_aux_bn(self.model, enabled=self.aux):
             clean = h.detach() if self.detach else h
-            adversarial, values = backward_each([clean], [strength_loss(i) for i in range(1, self.n + 1)],
-                                                self.model.parameters())
-        return h, h_adv, adversarial, values
+            adversarial, values = backward_each([clean], passes, self.model.parameters())
+        return h, h_adv, adversarial, joined_values if self.batched else values
 
     def step(self, x: Tensor, target, criterion: Criterion) -> Step:
         tail = self._parts[1]

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch import nn
 
 from afan.norm import strip_aux_state_dict
 
@@ -138,9 +139,9 @@ def load_state_dict(path) -> dict:
     wrapped as ``{"state_dict": ...}``, with DataParallel's ``module.`` prefixes dropped."""
     checkpoint = load_checkpoint(path)
     state = checkpoint["state_dict"] if isinstance(checkpoint.get("state_dict"), Mapping) else checkpoint
-    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not is_state_dict(state):
         raise CheckpointError(f"{path} is not a state dict (a dict of tensors); its top-level keys are "
-                              f"{list(checkpoint)[:5]}")
+                              f"{list(checkpoint)[:EXAMPLE_KEYS]}")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -195,6 +196,42 @@ def resolve_num_classes(path, requested: Optional[int], declared: Optional[int],
     return requested or declared
 
 
+EXAMPLE_KEYS = 5  # keys quoted in messages about a file's contents
+
+
+def is_state_dict(obj) -> bool:
+    """Whether ``obj`` is a plain state dict: a non-empty dict of tensors."""
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def model_payload(model: nn.Module) -> dict:
+    """``{"model", "arch", "num_classes", "model_kwargs"}``, what a detection or segmentation
+    run saves of a model and :func:`unpack_model_file` reads back: enough to rebuild the very
+    same network (``model_kwargs``: the builder's keywords, plain values only; auxiliary BN is
+    saved as it is, the loader drops it)."""
+    return {"model": model.state_dict(), "arch": model.arch, "num_classes": model.num_classes,
+            "model_kwargs": dict(model.model_kwargs)}
+
+
+def foreign_file(path, checkpoint: Mapping, task: str, expected: str) -> CheckpointError:
+    """The error for a file that holds none of the formats a task reads (``expected`` names them)."""
+    return CheckpointError(f"{path} is not a {task} checkpoint this project reads (top-level keys: "
+                           f"{list(checkpoint)[:EXAMPLE_KEYS]}). Expected {expected}")
+
+
+def unpack_model_file(path, checkpoint: Mapping, task: str, others: str):
+    """A ``ModelFormat.unpack`` for :func:`model_payload` files and plain state dicts (the
+    architecture and class count then unknown); any other file is refused, naming ``task``
+    and the ``others`` formats its own unpack reads."""
+    if isinstance(checkpoint.get("model"), Mapping):
+        return (dict(checkpoint["model"]), checkpoint.get("arch"), checkpoint.get("num_classes"),
+                dict(checkpoint.get("model_kwargs") or {}))
+    if is_state_dict(checkpoint):
+        return dict(checkpoint), None, None, {}
+    raise foreign_file(path, checkpoint, task, "{'model': state_dict, 'arch', 'num_classes', 'model_kwargs'} as "
+                       f"training writes it, {others}")
+
+
 @dataclass(frozen=True)
 class ModelFormat:
     """How one task's model files are read by :func:`load_model_file`."""
@@ -212,6 +249,23 @@ class ModelFormat:
     optional: Callable[[str], bool] = lambda key: False
     describe: Callable = lambda model: f"{model.arch} with {model.num_classes} classes"  # in the fit error
     fit_hint: str = "Is it a checkpoint of another architecture? Name the right one (--model NAME, or name= in Python)"
+
+
+def load_with_aux_norms(path, build: Callable[[], nn.Module]) -> nn.Module:
+    """The model of the training state at ``path`` (a ``last.pth``) with its auxiliary norms,
+    in eval mode: ``build()`` makes the model as its run did (auxiliary norms included), then
+    the file's state is loaded strictly. ``best.pth`` and ``final.pth`` keep the main norms
+    only and are refused with one CheckpointError that names the file to use."""
+    state = load_checkpoint(path).get("model")
+    if not isinstance(state, Mapping) or len(strip_aux_state_dict(state)) == len(state):
+        raise CheckpointError(f"{path} holds no auxiliary norms (best.pth and final.pth keep the main ones only); "
+                              "to attack through them pass the last.pth of a run with mode=advprop or afan.aux_bn=true")
+    model = build()
+    problems = key_mismatches(model.state_dict(), state)
+    if problems:
+        raise CheckpointError(f"{path} does not fit the model its run's settings build; " + "; ".join(problems))
+    model.load_state_dict(state)
+    return model.eval()
 
 
 def load_model_file(path, fmt: ModelFormat, name: Optional[str] = None, num_classes: Optional[int] = None,

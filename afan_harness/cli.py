@@ -4,6 +4,7 @@ and how a run ends other than by finishing (one clear message and an exit status
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import json
 import math
@@ -13,11 +14,12 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from afan_harness.checkpoint import CheckpointError
+from afan_harness.checkpoint import CheckpointError, load_with_aux_norms
 from afan_harness.config import ConfigError, add_config_arguments, config_yaml, load_config
 from afan_harness.guard import NonFiniteLoss, StopRequested
 from afan_harness.loading import DataError
-from afan_harness.robustness import parse_corruptions
+from afan_harness.loop import launcher
+from afan_harness.robustness import FeatureAttack, corruption_score, parse_corruptions
 from afan_harness.rundir import CONFIG_NAME, RunDir
 from afan_harness.settings import AdvPropConfig
 from afan_harness.runtime import select_device
@@ -52,6 +54,20 @@ def parse_train_args(config_cls, description: str, argv=None, configs: Path = No
     if args.resume:
         cfg = load_config(config_cls, RunDir(cfg.out, resume=True).file("config.yaml"), args.overrides)
     return cfg, args
+
+
+def train_entry(train: Callable, config_cls, module: str, file: str, description: str) -> tuple[Callable, Callable]:
+    """A task's ``train.py`` entry points from its ``train(cfg, process, device, resume=,
+    overwrite=)``: ``run(cfg, resume=False, overwrite=False)`` (in this process's place of a
+    torchrun run, or as the one process; ``afan_harness.loop.launcher``) and ``main(argv)``,
+    the command line of module ``module`` (whose ``configs`` folder sits beside ``file``)."""
+    run = launcher(train)
+    configs = Path(file).resolve().parent / "configs"
+
+    def main(argv=None) -> int:
+        return train_main(argv, config_cls=config_cls, run=run, description=description, module=module,
+                          configs=configs)
+    return run, main
 
 
 def train_main(argv, *, config_cls, run: Callable, description: str, module: str, configs: Path) -> int:
@@ -119,28 +135,44 @@ non_negative_int = _number(int, 0, "an integer >= 0")
 non_negative_float = _number(float, 0.0, "a finite number >= 0")
 
 
+def test_entry(**settings) -> Callable:
+    """A task's ``test.py`` ``main(argv=None)``: :func:`test_main` with the task's ``settings``."""
+    return lambda argv=None: test_main(argv, **settings)
+
+
 def test_main(argv, *, description: str, config_cls, sections: tuple[str, ...], build_datasets: Callable,
-              load: Callable, score: Callable, model_help: str, out_help: str = "",
+              load: Callable, build: Callable, score: Callable, writes: str,
+              model_help: str = "architecture name, needed for plain state dicts",
               arguments: Callable = lambda parser: None) -> int:
-    """A task's ``test.py``: parse ``--checkpoint``, ``--model``, ``--out`` (where ``out_help``
-    describes it), the task's own ``arguments(parser)`` and the shared ones
-    (``add_test_arguments``); build the data of the run's settings (``test_config``) and the
-    model, ``load(args, cfg, splits, device)``; then print ``SUMMARY {json}`` of
-    ``score(args, cfg, splits, model, device)``. Bad input (settings, data, checkpoint) is one
-    ``error:`` line on stderr and exit status 2, before anything is evaluated."""
+    """A task's ``test.py``: parse ``--checkpoint``, ``--model``, ``--out`` (the folder of the
+    files named by ``writes``), the task's own ``arguments(parser)``, the robustness options
+    (``robustness_arguments``) and the settings (``add_test_arguments``); build the data of
+    the run's settings (``test_config``) and the model, ``load(args, cfg, splits, device)``,
+    or with ``--pgd-bn aux`` the run's model with its auxiliary norms (``build(cfg,
+    num_classes, device)`` as training built it, then the file's state); then print
+    ``SUMMARY {json}`` of ``score(args, cfg, splits, model, device)``. Bad input (settings, data,
+    checkpoint, a split point the model lacks) is one ``error:`` line on stderr and exit
+    status 2, before anything is evaluated."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--checkpoint", required=True, help="checkpoint file to evaluate")
     parser.add_argument("--model", help=model_help)
-    if out_help:
-        parser.add_argument("--out", help=out_help)
+    parser.add_argument("--out", help=f"folder for {writes} (default: test_<data> next to the checkpoint, never over "
+                                      "an earlier one)")
     arguments(parser)
+    robustness_arguments(parser)
     add_test_arguments(parser, " and ".join(f"{section}." for section in sections))
     args = parser.parse_intermixed_args(argv)
     try:
         cfg = test_config(config_cls, args, sections)
         splits = build_datasets(cfg.data, seed=cfg.seed)
         device = select_device(args.device)
-        model = load(args, cfg, splits, device)
+        if args.pgd_bn == "aux":
+            model = load_with_aux_norms(args.checkpoint, lambda: build(rebuild_settings(cfg), splits.num_classes, device))
+        else:
+            model = load(args, cfg, splits, device)
+        if args.feature_layer is not None and args.feature_layer not in model.split_points:
+            raise ValueError(f"--feature-layer {args.feature_layer!r} is not a split point of {model.arch}; valid: "
+                             f"{', '.join(list(model.split_points)[:12])}")
     except (ConfigError, DataError, CheckpointError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -149,14 +181,45 @@ def test_main(argv, *, description: str, config_cls, sections: tuple[str, ...], 
     return 0
 
 
+def rebuild_settings(cfg):
+    """The run's settings for building its model again to read a checkpoint into: no
+    compilation and no backbone file (the checkpoint holds every weight)."""
+    model = cfg.model
+    if dataclasses.is_dataclass(model) and hasattr(model, "backbone_weights"):
+        model = dataclasses.replace(model, backbone_weights="")
+    return dataclasses.replace(cfg, model=model, compile="off")
+
+
 def robustness_arguments(parser: argparse.ArgumentParser) -> None:
     """The robustness options of every ``test.py``: input PGD (``--pgd-*``; the release's
-    evaluation: ``--pgd-eps 2``, 10 steps of 0.5/255) and common corruptions
+    evaluation: ``--pgd-eps 2``, 10 steps of 0.5/255), through the main or the auxiliary
+    norms; a feature attack (``--feature-*``, ``afan_harness.robustness.FeatureAttack``, the
+    release's ``eval_sat_layers.py`` settings by default); common corruptions
     (``--corruptions``, ``--severities``; ``afan_harness.robustness``)."""
     parser.add_argument("--pgd-eps", type=non_negative_float, default=0.0,
                         help="also score under input PGD of this radius in 1/255 (the release: 2; 0: not)")
     parser.add_argument("--pgd-steps", type=non_negative_int, default=10)
     parser.add_argument("--pgd-step-size", type=non_negative_float, help="PGD step in 1/255 (default eps/4)")
+    parser.add_argument("--pgd-bn", choices=("main", "aux"), default="main",
+                        help="the norms the attack's passes use (the scores always use the main ones); aux needs a "
+                             "checkpoint with auxiliary norms: the last.pth of a run with mode=advprop or "
+                             "afan.aux_bn=true")
+    defaults = FeatureAttack(layer="")
+    parser.add_argument("--feature-layer", metavar="SPLIT_POINT",
+                        help="also score with the feature after this split point perturbed (the release's "
+                             "eval_sat_layers.py)")
+    parser.add_argument("--feature-gamma", type=non_negative_float, default=defaults.gamma,
+                        help="the feature attack's step, in 1/255 (default %(default)s)")
+    parser.add_argument("--feature-steps", type=non_negative_int, default=defaults.steps)
+    parser.add_argument("--feature-eps", type=non_negative_float, default=defaults.eps,
+                        help="radius in 1/255 for --feature-random-start and --feature-project")
+    parser.add_argument("--feature-random-start", action="store_true")
+    parser.add_argument("--feature-project", action="store_true")
+    parser.add_argument("--feature-strength", type=_fraction, default=defaults.strength,
+                        help="score on clean + s * (adversarial - clean) (default %(default)s: the release's "
+                             "--sat_layer 1 of 5 points)")
+    parser.add_argument("--feature-mix", action="store_true",
+                        help="re-normalise that feature to the clean one's channel statistics (the release's --mix)")
     parser.add_argument("--corruptions", type=_corruption_names, metavar="all|NAME,...",
                         help="also score under these common corruptions (ImageNet-C families), writing "
                              "corruptions.csv and corruptions.png")
@@ -168,6 +231,41 @@ def pgd_settings(args) -> AdvPropConfig:
     """The input PGD ``robustness_arguments`` ask for, from a uniform random start."""
     return AdvPropConfig(steps=args.pgd_steps, eps=args.pgd_eps, random_start=True,
                          step_size=args.pgd_eps / 4 if args.pgd_step_size is None else args.pgd_step_size)
+
+
+def feature_settings(args) -> FeatureAttack:
+    """The feature attack ``robustness_arguments`` ask for."""
+    return FeatureAttack(layer=args.feature_layer, gamma=args.feature_gamma, steps=args.feature_steps,
+                         eps=args.feature_eps, random_start=args.feature_random_start, project=args.feature_project,
+                         strength=args.feature_strength, mix=args.feature_mix)
+
+
+def robustness_scores(args, dataset, score: Callable, *, pgd: Callable, feature: Callable, metric: str, seed: int,
+                      out: Path) -> dict:
+    """The robustness entries of a test's summary, as ``args`` ask: ``score(dataset, attack)``
+    (the task's scores, a dict, with ``attack`` None for the clean model) under input PGD,
+    ``pgd(AdvPropConfig, bn)`` -> attack, as ``pgd_<score>``; under the feature attack,
+    ``feature(FeatureAttack)`` -> attack, as ``feature_<score>``; and the mean ``metric``
+    over the corruptions, ``corruption_<metric>`` (the sweep written to ``out``)."""
+    result = {}
+    if args.pgd_eps > 0:
+        scores = score(dataset, pgd(pgd_settings(args), args.pgd_bn))
+        result.update({f"pgd_{k}": v for k, v in scores.items()}, pgd_eps=args.pgd_eps, pgd_steps=args.pgd_steps,
+                      pgd_bn=args.pgd_bn)
+    if args.feature_layer is not None:
+        attack = feature_settings(args)
+        result.update({f"feature_{k}": v for k, v in score(dataset, feature(attack)).items()}, **attack.summary())
+    if args.corruptions:
+        result[f"corruption_{metric}"] = corruption_score(dataset, lambda data: score(data, None)[metric],
+                                                          args.corruptions, args.severities, seed, metric, out)
+    return result
+
+
+def _fraction(text: str) -> float:
+    value = non_negative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction from 0 to 1")
+    return value
 
 
 def _corruption_names(text: str) -> list[str]:

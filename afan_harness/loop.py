@@ -96,6 +96,26 @@ class Finished:
         write_summary(self.run_dir, summary)
         return summary
 
+    def final_summary(self, model: str, payload: dict, scores: dict, best_key: str) -> dict:
+        """The end of an iteration run (detection, segmentation): ``final.pth`` holding
+        ``payload`` and the summary of the final model's ``scores``, the best ``best_key`` of
+        the run and the mean seconds per iteration. Empty on processes other than 0."""
+        if self.run_dir is None:
+            return {}
+        save_checkpoint(payload, self.run_dir.file("final.pth"))
+        return self.summary(model, iterations=self.cfg.iterations, **scores,
+                            **{f"best_{best_key}": max(self.best, scores[best_key])},
+                            sec_per_iter=self.mean("sec_per_iter"))
+
+
+def mode_step(steps: dict[str, Callable], cfg, model, *batch):
+    """One training step of ``cfg.mode``: ``steps["base"](model, *batch)``, or
+    ``steps[mode](model, *batch, section)`` with the settings section named after the mode
+    (``cfg.afan``, ``cfg.advprop``, ...)."""
+    if cfg.mode == "base":
+        return steps["base"](model, *batch)
+    return steps[cfg.mode](model, *batch, getattr(cfg, cfg.mode))
+
 
 def launcher(train: Callable) -> Callable:
     """A task's ``run(cfg, *, resume=False, overwrite=False)``: ``train(cfg, process, device,

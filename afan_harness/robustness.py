@@ -1,5 +1,6 @@
 """Common corruptions of test images (the ImageNet-C families, severities 1-5) and the sweep
-that scores a model on each, for every task's ``test.py``.
+that scores a model on each, and the feature attack of a trained model (``FeatureAttack``),
+for every task's ``test.py``.
 
 Each corruption maps an image tensor in [0, 1] (C, H, W) to another in [0, 1]; severity 0
 returns the image itself. The severity parameters are those of Hendrycks & Dietterich's
@@ -13,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -24,7 +26,43 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
+import afan
+
 SEVERITIES = (1, 2, 3, 4, 5)
+
+
+@dataclass(frozen=True)
+class FeatureAttack:
+    """A trained model scored on a perturbed feature, the release's ``eval_sat_layers.py``
+    (its detection script; here every task): feature PGD on the output of split point
+    ``layer`` against the task's loss, ``steps`` sign steps of ``gamma / 255`` (``random_start``
+    in and ``project`` to the ``eps / 255`` ball as asked; the release: neither), then the
+    strength ``clean + strength * (adv - clean)`` (the release's ``--sat_layer k`` of its five
+    points ``k / 4``: ``0.25`` by default), with ``mix`` re-normalised to the clean feature's
+    channel statistics (its ``--mix``). The defaults are the release's."""
+
+    layer: str
+    gamma: float = 0.5
+    steps: int = 10
+    eps: float = 2.0
+    random_start: bool = False
+    project: bool = False
+    strength: float = 0.25
+    mix: bool = False
+
+    def perturb(self, feature: Tensor, loss_fn: Callable[[Tensor], Tensor]) -> Tensor:
+        """The feature the model is scored on, from the clean ``feature`` and the task's
+        ``loss_fn(feature)`` (through the rest of the model); detached."""
+        clean = feature.detach()
+        adv = afan.feature_pgd(clean, loss_fn, steps=self.steps, step_size=self.gamma / 255, eps=self.eps / 255,
+                               random_start=self.random_start, project=self.project)
+        strength = torch.lerp(clean, adv.to(clean.dtype), self.strength)
+        # As released, the strength's own pattern with the clean feature's statistics.
+        return afan.mix_statistics(strength, clean).to(clean.dtype) if self.mix else strength
+
+    def summary(self) -> dict:
+        """The settings as ``feature_*`` entries of a test's summary."""
+        return {f"feature_{name}": value for name, value in vars(self).items()}
 
 
 def gaussian_noise(image: Tensor, severity: int, generator: torch.Generator) -> Tensor:

@@ -187,3 +187,50 @@ def test_outputs_that_cannot_be_split_per_strength_are_refused():
         afan.batch_strengths(lambda h: h, [torch.randn(2, 3), torch.randn(3, 3)], lambda out, t: out.sum(), None)
     parts = afan.batch_strengths(lambda h: {"a": h, "b": (h * 2, h * 3)}, feats, lambda out, t: out, None)
     assert torch.equal(parts[1]["b"][1], feats[1] * 3) and torch.equal(parts[0]["a"], feats[0])
+
+
+AFAN_CASES = {
+    "groupnorm": (lambda: conv_net(lambda c: nn.GroupNorm(2, c)), "2", {}),
+    "eval_bn": (lambda: conv_net(eval_bn).eval(), "2", {}),
+    "frozen_bn": (lambda: conv_net(frozen_bn), "2", {}),
+    "tokens": (TokenNet, "embed", {"mix_dim": -1}),
+    "skip_tail": (SkipNet, "stem", {}),
+}
+
+
+@pytest.mark.parametrize("train_head", [False, True])
+@pytest.mark.parametrize("case", sorted(AFAN_CASES))
+def test_afan_batched_gives_the_per_strength_step(case, train_head):
+    """``afan.AFAN(batched=True)``: the same loss, loss terms and parameter gradients (float64)
+    as one tail pass per strength, the adversarial feature found the same way."""
+    build, at, options = AFAN_CASES[case]
+    x = torch.rand(3, 5, 6, dtype=torch.float64) if case == "tokens" else torch.rand(3, 3, 6, 6, dtype=torch.float64)
+    y = torch.tensor([0, 3, 1])
+    results = []
+    for batched in (False, True):
+        torch.manual_seed(0)
+        model = build().double()
+        objective = afan.AFAN(model, at, steps=2, step_size=0.05, n=3, mask="011", strengths_train_head=train_head,
+                              batched=batched, **options)
+        step = objective.step(x, y, F.cross_entropy)
+        grads = torch.autograd.grad(step.loss, list(model.parameters()))
+        results.append((step, grads))
+    (want, want_grads), (got, got_grads) = results
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.perturbation, want.perturbation, rtol=0, atol=0)
+    assert list(got.losses) == list(want.losses) == ["loss_clean", "loss_1", "loss_2", "loss_3"]
+    for key in want.losses:
+        torch.testing.assert_close(got.losses[key], want.losses[key], rtol=1e-12, atol=1e-12)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_afan_batched_refuses_a_tail_that_normalises_with_its_batch():
+    torch.manual_seed(0)
+    x, y = torch.rand(2, 3, 8, 8), torch.randint(0, 4, (2,))
+    trainable = afan.AFAN(conv_net(nn.BatchNorm2d).train(), "2", n=2, mask="01", batched=True)
+    with pytest.raises(ValueError, match=r"'4' \(BatchNorm2d\) normalises with the statistics of its batch"):
+        trainable.loss(x, y, F.cross_entropy)
+    auxiliary = afan.AFAN(conv_net(nn.BatchNorm2d).train(), "2", n=2, mask="01", aux_norm=True, batched=True)
+    with pytest.raises(ValueError, match=r"'4' \(AuxBatchNorm2d\)"):
+        auxiliary.loss(x, y, F.cross_entropy)

@@ -5,10 +5,7 @@ import csv
 
 import pytest
 import torch
-import torch.nn.functional as F
-import torchvision
 
-import afan
 from bench import __main__ as bench
 from bench import batched
 from bench.cases import BUILDERS, TINY
@@ -113,22 +110,28 @@ def test_each_task_times_its_afan_step_and_passes_in_process(task, tmp_path, dev
         assert all(isinstance(name, str) and ms > 0 for name, ms, _ in profile)
 
 
-def test_the_batched_benchmark_runs_afans_step(one_thread):
-    """Its per-strength step is ``afan.AFAN``'s (same loss and gradients), and so is its
-    batched step, on the GroupNorm case's model."""
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10, norm_layer=lambda c: torch.nn.GroupNorm(32, c)).double()
-    x, y = torch.rand(2, 3, 16, 16, dtype=torch.float64), torch.randint(0, 10, (2,))
-    objective = afan.AFAN(model, batched.AT, steps=1, n=4, mask="0011")
-    want = objective.loss(x, y, F.cross_entropy)
-    want_grads = torch.autograd.grad(want, list(model.parameters()))
-    head, tail = afan.split(model, batched.AT)
+def test_the_batched_benchmark_times_the_same_afan_step_in_both_modes(one_thread):
+    """Built alike, the per-strength and the joined (``AFAN(batched=True)``) steps give the
+    same loss and gradients."""
+    results = []
     for mode in batched.MODES:
-        model.zero_grad()
-        loss = batched.afan_step(model, head, tail, x, y, n=4, steps=1, batched=mode == "batched")
-        torch.testing.assert_close(loss.detach(), want.detach(), rtol=1e-12, atol=1e-12)
-        for p, g in zip(model.parameters(), want_grads):
-            torch.testing.assert_close(p.grad, g, rtol=1e-9, atol=1e-12)
+        torch.manual_seed(0)
+        case = batched.groupnorm(mode, torch.device("cpu"), ["batch_size=2", "image_size=16"])
+        loss = case.step()
+        results.append((loss.detach(), [p.grad for p in case.model.parameters()]))
+    (want, want_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_the_batched_detection_case_runs_the_task_step_with_its_strengths_joined(one_thread, tmp_path):
+    overrides = [*batched.TINY["detection"], f"data.root={tmp_path}"]
+    for mode in batched.MODES:
+        torch.manual_seed(0)
+        case = batched.detection(mode, torch.device("cpu"), overrides)
+        assert torch.isfinite(case.step()) and case.passes == {}
+        assert ("strengths joined" in case.description) == (mode == "batched")
 
 
 def test_command_line_writes_the_table_and_csv(tmp_path, capsys):

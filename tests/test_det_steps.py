@@ -1,14 +1,17 @@
 """Detection training steps: base equals torchvision, attacks are bounded and leave
 gradients (and, when asked, BN statistics) alone, the A-FAN loss is the release's formula."""
 import copy
+import dataclasses
 
 import pytest
 import torch
 from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 
 import afan
+from afan_harness.config import load_config
 from afan_harness.settings import AdvPropConfig
-from Detection.config import AfanConfig
+from Detection.config import AfanConfig, TrainConfig
 from Detection.models import create_model, head, predictor_losses, prepare, tail
 from Detection.steps import advprop_step, afan_step, base_step, pixel_pgd, sd_attack, se_attack
 
@@ -228,6 +231,56 @@ def test_afan_step_gradients_equal_those_of_the_plain_sum_of_its_passes(se_train
         assert (p.grad is None) == (q.grad is None), name
         if p.grad is not None:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)
+
+
+class FirstSampler(BalancedPositiveNegativeSampler):
+    """torchvision's sampler taking the first positives and negatives instead of random ones,
+    so passes over the same images sample the same anchors and RoIs."""
+
+    def __call__(self, matched_idxs):
+        positives, negatives = [], []
+        for matched in matched_idxs:
+            pos, neg = torch.where(matched >= 1)[0], torch.where(matched == 0)[0]
+            num_pos = min(pos.numel(), int(self.batch_size_per_image * self.positive_fraction))
+            num_neg = min(neg.numel(), self.batch_size_per_image - num_pos)
+            masks = [torch.zeros_like(matched, dtype=torch.uint8) for _ in range(2)]
+            masks[0][pos[:num_pos]], masks[1][neg[:num_neg]] = 1, 1
+            positives.append(masks[0]), negatives.append(masks[1])
+        return positives, negatives
+
+
+@pytest.mark.parametrize("arch", [C4, FPN], ids=["c4", "fpn"])
+def test_batched_strengths_give_the_per_strength_loss_and_gradients(arch, make_model):
+    """``afan.batched``: one tail pass over the strengths of every image gives the loss and
+    gradients of one pass per strength (float64), where each image samples its full count
+    (here with the same anchors and RoIs sampled in both, deterministically). Up to 1e-7: the
+    joined pass sums and pools in another order, and torchvision keeps a few box computations
+    in float32."""
+    cfg = AfanConfig(se_steps=1, gamma_se=5.0, sd=True)
+    results = []
+    for batched in (False, True):
+        model = make_model(arch=arch).double()
+        model.rpn.fg_bg_sampler = FirstSampler(256, 0.5)
+        model.roi_heads.fg_bg_sampler = FirstSampler(8, 0.25)
+        images, targets = batch()
+        images = [image.double() for image in images]
+        result = afan_step(model, images, targets, dataclasses.replace(cfg, batched=batched))
+        result.loss.backward()
+        results.append((result, [p.grad for p in model.parameters() if p.requires_grad]))
+    (want, want_grads), (got, got_grads) = results
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-7, atol=1e-10)
+    mean = sum(want.losses[f"loss_{i}"] for i in range(1, cfg.n + 1)) / cfg.n
+    torch.testing.assert_close(got.losses["loss_strengths"], mean, rtol=1e-7, atol=1e-10)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-9)
+
+
+def test_batched_strengths_need_frozen_batch_norm(make_model):
+    model = make_model("bn")
+    with pytest.raises(ValueError, match=r"'backbone.body.layer3.0.bn1' \(BatchNorm2d\) normalises with the statistics"):
+        afan_step(model, *batch(), AfanConfig(batched=True, sd=False))
+    with pytest.raises(ValueError, match=r"afan.batched .*\(model.norm=frozen\)"):
+        load_config(TrainConfig, overrides=["afan.batched=true", "model.norm=bn"])
 
 
 def _assert_finite_grads(model, loss):

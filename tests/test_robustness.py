@@ -11,7 +11,7 @@ from torch.utils.data import TensorDataset
 
 import afan
 from afan_harness.config import load_config
-from afan_harness.robustness import (CORRUPTIONS, CorruptedDataset, brightness, contrast, corrupt, corruption_sweep,
+from afan_harness.robustness import (CORRUPTIONS, CorruptedDataset, FeatureAttack, brightness, contrast, corrupt, corruption_sweep,
                                      parse_corruptions, save_sweep)
 from Classification import test as cls_test
 from Classification import train as cls_train
@@ -111,7 +111,7 @@ def test_pgd_and_feature_attacks_of_strength_0_change_nothing(shapes_model):
     clean = evaluate(model, loader, torch.device("cpu"))
     no_pgd = evaluate(model, loader, torch.device("cpu"),
                       predict=pgd_logits(model, AdvPropConfig(steps=3, step_size=0.0, eps=0.0)))
-    no_feature = evaluate(model, loader, torch.device("cpu"), predict=feature_logits(model, "layer2", 0.0, 2))
+    no_feature = evaluate(model, loader, torch.device("cpu"), predict=feature_logits(model, FeatureAttack("layer2", gamma=0.0, steps=2)))
     for result in (no_pgd, no_feature):
         assert result["top1"] == clean["top1"] and result["loss"] == pytest.approx(clean["loss"], abs=1e-6)
 
@@ -154,22 +154,36 @@ DET = ["model.name=fasterrcnn_resnet18_c4", "model.min_size=64", "model.max_size
 
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["segmentation", "detection"])
-def test_segmentation_and_detection_tests_score_pgd_and_corruptions(tmp_path, capsys, task):
+def test_segmentation_and_detection_tests_score_pgd_feature_attacks_and_corruptions(tmp_path, capsys, task):
     train, test, settings, key = {"segmentation": (seg_train, seg_test, SEG, "miou"),
-                                  "detection": (det_train, det_test, [*DET, f"data.root={tmp_path / 'data'}"], "AP")}[task]
-    train.run(load_config(train.TrainConfig, overrides=[*settings, f"out={tmp_path / 'run'}"]))
+                                  "detection": (det_train, det_test, [*DET, "model.norm=bn", f"data.root={tmp_path / 'data'}"],
+                                                "AP")}[task]
+    # An AdvProp run, so last.pth holds auxiliary BN to attack through.
+    train.run(load_config(train.TrainConfig, overrides=[*settings, "mode=advprop", "advprop.steps=1",
+                                                        f"out={tmp_path / 'run'}"]))
     capsys.readouterr()
-    checkpoint = str(tmp_path / "run" / "final.pth")
+    final, last = str(tmp_path / "run" / "final.pth"), str(tmp_path / "run" / "last.pth")
 
-    def summary(*argv):
+    def summary(checkpoint, *argv):
         assert test.main(["--checkpoint", checkpoint, "--device", "cpu", *argv]) == 0
         return json.loads(capsys.readouterr().out.split("SUMMARY ", 1)[1])
-    # A PGD that cannot move gives the clean score; then a real attack and a sweep.
-    clean = summary("--pgd-eps", "1e-12", "--pgd-steps", "1", "--pgd-step-size", "0")
-    assert clean[f"pgd_{key}"] == pytest.approx(clean[key])
-    attacked = summary("--pgd-eps", "8", "--pgd-steps", "2", "--corruptions", "contrast,impulse_noise",
+    # Attacks that cannot move give the clean score; then real attacks and a sweep.
+    clean = summary(final, "--pgd-eps", "1e-12", "--pgd-steps", "1", "--pgd-step-size", "0",
+                    "--feature-layer", "layer2", "--feature-strength", "0")
+    assert clean[f"pgd_{key}"] == pytest.approx(clean[key]) and clean[f"feature_{key}"] == clean[key]
+    assert clean["feature_layer"] == "layer2" and clean["feature_steps"] == 10  # the release's evaluation
+    attacked = summary(last, "--pgd-eps", "8", "--pgd-steps", "2", "--pgd-bn", "aux", "--feature-layer", "layer3",
+                       "--feature-gamma", "20", "--feature-mix", "--corruptions", "contrast,impulse_noise",
                        "--severities", "1,5")
-    assert 0 <= attacked[f"pgd_{key}"] <= 1 and 0 <= attacked[f"corruption_{key}"] <= 1
+    # last.pth's model through its main BN is the final model.
+    assert attacked[key] == pytest.approx(clean[key]) and attacked["pgd_bn"] == "aux"
+    for name in ("pgd", "feature", "corruption"):
+        assert 0 <= attacked[f"{name}_{key}"] <= 1
     with open(Path(attacked["out"]) / "corruptions.csv", newline="") as file:
         rows = list(csv.DictReader(file))
     assert [(r["corruption"], r["severity"]) for r in rows][-1] == ("mean", "mean") and len(rows) == 7
+    # Bad input: one error line, exit status 2.
+    for checkpoint, argv, message in [(final, ["--pgd-eps", "2", "--pgd-bn", "aux"], "pass the last.pth"),
+                                      (final, ["--feature-layer", "layer9"], "'layer9' is not a split point")]:
+        assert test.main(["--checkpoint", checkpoint, "--device", "cpu", *argv]) == 2
+        assert message in capsys.readouterr().err

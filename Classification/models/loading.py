@@ -12,17 +12,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional
 
-import torch
 from torch import nn
 
-from afan_harness.checkpoint import CheckpointError, ModelFormat, load_model_file
+from afan_harness.checkpoint import CheckpointError, ModelFormat, foreign_file, is_state_dict, load_model_file
 
 from .efficientnet import ARCHS as EFFICIENTNETS
 from .library import is_library_name
 from .registry import MODEL_NAMES, create_model, model_class
 from .release import convert_release_state_dict, is_release_state_dict
 
-_EXAMPLES = 5  # keys quoted per kind of difference in error messages
 
 
 def checkpoint_payload(model: nn.Module) -> dict:
@@ -36,11 +34,6 @@ def checkpoint_payload(model: nn.Module) -> dict:
 def _strip_data_parallel(state: Mapping) -> dict:
     """(Distributed)DataParallel saved every key with a ``module.`` prefix."""
     return {key.removeprefix("module."): value for key, value in state.items()}
-
-
-def _is_plain_state_dict(obj) -> bool:
-    return isinstance(obj, Mapping) and len(obj) > 0 and all(
-        isinstance(value, torch.Tensor) for value in obj.values())
 
 
 def _unpack(path: Path, checkpoint: Mapping):
@@ -67,14 +60,11 @@ def _unpack(path: Path, checkpoint: Mapping):
             raise CheckpointError(f"{path} is not an A-FAN release ResNet-s checkpoint: {error}") from None
         norm = {"mean": mean, "std": std} if mean is not None and std is not None else {}
         return state, arch, classes, norm
-    if _is_plain_state_dict(checkpoint):
+    if is_state_dict(checkpoint):
         return _strip_data_parallel(checkpoint), None, None, {}
-    raise CheckpointError(
-        f"{path} is not a classification checkpoint this project reads (top-level keys: "
-        f"{list(checkpoint)[:_EXAMPLES]}). Expected a dict with 'model' (a state dict), "
-        "'arch' and 'num_classes' as training writes it, a plain state dict, or an A-FAN "
-        "release checkpoint whose 'state_dict' holds 'sequential_model.*' keys"
-    )
+    raise foreign_file(path, checkpoint, "classification", "a dict with 'model' (a state dict), 'arch' and "
+                       "'num_classes' as training writes it, a plain state dict, or an A-FAN release checkpoint "
+                       "whose 'state_dict' holds 'sequential_model.*' keys")
 
 
 def _classifier(name: str, state: Mapping):

@@ -7,19 +7,22 @@ seed the losses are the model's own, bit for bit), split so that
 * ``prepare`` resizes/normalises once per step,
 * ``head`` computes the clean backbone features up to a split point once per step,
 * ``tail`` finishes the pass from a (possibly perturbed) feature at that split point,
+* ``tail_detections`` finishes an evaluation pass from such a feature,
 * ``roi_training_losses``/``predictor_losses`` expose the RoI head's output (the box features the
   class and box linears read: C4 layer4 + max-pool, FPN the two-layer box head) and the
   sampled RoIs, so the decoder-side attack (SD) and its loss reuse the clean pass's RoIs.
 """
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 import torch.nn.functional as F
 from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 Targets = list[dict[str, Tensor]]
 
@@ -122,13 +125,9 @@ def roi_training_losses(roi_heads, features, proposals: list[Tensor], image_size
     return predictor_losses(roi_heads, box_features, labels, regression_targets), sample
 
 
-def tail(model, feats: "OrderedDict[str, Tensor]", at: str, images: ImageList, targets: Targets, *,
-         return_roi: bool = False):
-    """Finish the training pass from ``feats = head(...)`` (``feats[at]`` may be replaced by
-    a perturbed feature): remaining body stages, neck, RPN, RoI heads. Returns the four
-    losses in torchvision's order (``loss_classifier``, ``loss_box_reg``,
-    ``loss_objectness``, ``loss_rpn_box_reg``), and with ``return_roi=True`` also the
-    ``RoiSample`` of the pass (its RoIs and the RoI head's output)."""
+def _features(model, feats: "OrderedDict[str, Tensor]", at: str) -> "OrderedDict[str, Tensor]":
+    """The neck's output from ``feats = head(...)`` (``feats[at]`` possibly perturbed): the
+    body stages after ``at``, then the neck (FPN, or nothing for C4)."""
     _check_split(model, at)
     body = model.backbone.body
     outputs = OrderedDict(feats)
@@ -138,12 +137,50 @@ def tail(model, feats: "OrderedDict[str, Tensor]", at: str, images: ImageList, t
         x = module(x)
         outputs[name] = x
     # IntermediateLayerGetter's output: the returned stages under their key names.
-    body_out = OrderedDict((key, outputs[layer]) for layer, key in body.return_layers.items())
-    features = model.neck(body_out)
+    return model.neck(OrderedDict((key, outputs[layer]) for layer, key in body.return_layers.items()))
+
+
+def tail(model, feats: "OrderedDict[str, Tensor]", at: str, images: ImageList, targets: Targets, *,
+         return_roi: bool = False):
+    """Finish the training pass from ``feats = head(...)`` (``feats[at]`` may be replaced by
+    a perturbed feature): remaining body stages, neck, RPN, RoI heads. Returns the four
+    losses in torchvision's order (``loss_classifier``, ``loss_box_reg``,
+    ``loss_objectness``, ``loss_rpn_box_reg``), and with ``return_roi=True`` also the
+    ``RoiSample`` of the pass (its RoIs and the RoI head's output)."""
+    features = _features(model, feats, at)
     proposals, rpn_losses = model.rpn(images, features, targets)
     losses, roi = roi_training_losses(model.roi_heads, features, proposals, images.image_sizes, targets)
     losses.update(rpn_losses)
     return (losses, roi) if return_roi else losses
+
+
+def tail_detections(model, feats: "OrderedDict[str, Tensor]", at: str, images: ImageList, original_sizes) -> list[dict]:
+    """Finish an evaluation pass (the model in eval mode) from ``feats = head(...)``, as
+    ``model(images)`` returns it: boxes, labels and scores in the pixels of the images of
+    ``original_sizes`` (height, width each)."""
+    features = _features(model, feats, at)
+    proposals, _ = model.rpn(images, features)
+    found, _ = model.roi_heads(features, proposals, images.image_sizes)
+    return model.transform.postprocess(found, images.image_sizes, original_sizes)
+
+
+@contextlib.contextmanager
+def losses_mode(model):
+    """The model as its attacks at evaluation see it: the RPN and RoI heads in training mode,
+    so they compute the training losses (RoIs sampled as in training, the training top-n
+    proposals), with the normalisation layers and the resizing in eval mode (running
+    statistics; the evaluation's image size). The release's evaluation attacks run the whole
+    model in training mode, where its BatchNorm is frozen anyway. Restores every mode after."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.train()
+    for module in model.modules():
+        if isinstance(module, (nn.modules.batchnorm._NormBase, GeneralizedRCNNTransform)):
+            module.eval()
+    try:
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
 
 
 def forward_losses(model, images: list[Tensor], targets: Targets) -> dict[str, Tensor]:

@@ -12,42 +12,27 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional
 
-import torch
-from torch import nn
 from torchvision.models import MobileNet_V2_Weights, ResNet50_Weights, ResNet101_Weights
 
-from afan_harness.checkpoint import CheckpointError, ModelFormat, key_mismatches, load_checkpoint, load_model_file
+from afan_harness.checkpoint import (EXAMPLE_KEYS, CheckpointError, ModelFormat, key_mismatches, load_checkpoint,
+                                     load_model_file, model_payload, unpack_model_file)
 
 from .deeplab import MODEL_NAMES, DeepLabV3Plus, check_name, create_model
 
-_EXAMPLES = 5
 # torchvision's ImageNet weights of each backbone (IMAGENET1K_V1: the ones the release started
 # from), named when the file is missing so users know what to fetch.
 IMAGENET_WEIGHTS = {"deeplabv3plus_resnet50": ResNet50_Weights.IMAGENET1K_V1,
                     "deeplabv3plus_resnet101": ResNet101_Weights.IMAGENET1K_V1,
                     "deeplabv3plus_mobilenet": MobileNet_V2_Weights.IMAGENET1K_V1}
 
-
-def checkpoint_payload(model: nn.Module) -> dict:
-    """``{"model", "arch", "num_classes", "model_kwargs"}``, what ``load_model`` rebuilds from."""
-    return {"model": model.state_dict(), "arch": model.arch, "num_classes": model.num_classes,
-            "model_kwargs": dict(model.model_kwargs)}
-
+checkpoint_payload = model_payload  # what training saves, load_model reads back
 
 def _unpack(path: Path, checkpoint: Mapping):
     """``(state, arch, num_classes, model_kwargs)``; unknown entries are None / {}."""
-    if isinstance(checkpoint.get("model"), Mapping):
-        return (dict(checkpoint["model"]), checkpoint.get("arch"), checkpoint.get("num_classes"),
-                dict(checkpoint.get("model_kwargs") or {}))
     if isinstance(checkpoint.get("model_state"), Mapping):  # DeepLabV3Plus-Pytorch
         return dict(checkpoint["model_state"]), None, None, {}
-    if checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        return dict(checkpoint), None, None, {}
-    raise CheckpointError(
-        f"{path} is not a segmentation checkpoint this project reads (top-level keys: "
-        f"{list(checkpoint)[:_EXAMPLES]}). Expected {{'model': state_dict, 'arch', 'num_classes'}} as "
-        "training writes it, DeepLabV3Plus-Pytorch's {'model_state': state_dict}, or a plain state dict"
-    )
+    return unpack_model_file(path, checkpoint, "segmentation",
+                             "DeepLabV3Plus-Pytorch's {'model_state': state_dict}, or a plain state dict")
 
 
 def infer_arch(state: Mapping) -> Optional[str]:
@@ -107,7 +92,7 @@ def load_backbone_weights(model: DeepLabV3Plus, path) -> None:
     unused = ("fc.", "classifier.", "features.18.")
     mapped = {_backbone_key(model.arch, k): v for k, v in
               ((k.removeprefix("module."), v) for k, v in state.items()) if not k.startswith(unused)}
-    problems = key_mismatches(expected, mapped, examples=_EXAMPLES)
+    problems = key_mismatches(expected, mapped, examples=EXAMPLE_KEYS)
     if problems:
         raise CheckpointError(f"{path} is not a torchvision ImageNet backbone for {model.arch}; " + "; ".join(problems))
     model.backbone.load_state_dict(mapped, strict=True)
