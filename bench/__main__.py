@@ -30,7 +30,7 @@ import torch
 
 from afan_harness.runtime import PRECISIONS
 from bench import batched, cases
-from bench.measure import measure_rounds
+from bench.measure import free_threads, measure_rounds
 from bench.rounds import OVERHEAD_ABOVE, UNRELIABLE_BELOW, Spread
 
 # What one run times: the cases, their modes, the mode the ratios are to, the one compared
@@ -151,7 +151,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5,
                         help="rounds; each times every mode twice, and the ratios are their median over the rounds")
     parser.add_argument("--precision", default="fp32", help="fp32, bf16, fp16, or auto (bf16 on CUDA)")
-    parser.add_argument("--threads", type=int, help="intra-op threads in each mode's process (default: torch's)")
+    parser.add_argument("--threads", type=int, help="intra-op threads in each mode's process (default on the CPU: "
+                                                    "torch's, at most the cores other work leaves free)")
     parser.add_argument("--tiny", action="store_true", help="small models and batches (a quick check)")
     parser.add_argument("--data-root", default="data", help="where the Shapes detection data is written")
     parser.add_argument("--csv", default="runs/bench.csv", help="where the rows are written")
@@ -168,6 +169,12 @@ def main(argv=None) -> int:
         return 2
     if reference not in modes:
         modes.insert(0, reference)  # the ratios need it
+    on_cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
+    if on_cpu and args.threads is None:
+        args.threads, busy = free_threads(torch.get_num_threads())
+        if busy is not None:
+            print(f"{args.threads} thread(s) per process: {busy:.1f} of the cores were busy with other work "
+                  "(--threads N to choose)", file=sys.stderr)
     rows = []
     for task in tasks:
         overrides = [*(tiny[task] if args.tiny else []), *([f"data.root={args.data_root}"] if task == "detection" else []),

@@ -42,3 +42,9 @@ done
 bench compiled --tasks classification --modes afan --precision bf16 compile=inductor
 # A-FAN's strengths one tail pass each against one joined pass (afan.batch_strengths).
 bench batched --batched
+# Detection's own A-FAN step with its strengths joined (afan.batched, frozen BatchNorm as
+# released): against the per-strength step, and against base on the same frozen-BN model.
+# shellcheck disable=SC2086
+bench batched-detection --batched --tasks detection ${sizes[detection]}
+# shellcheck disable=SC2086
+bench frozen-detection --tasks detection --modes base,afan ${sizes[detection]} model.norm=frozen afan.batched=true

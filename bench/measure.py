@@ -47,6 +47,40 @@ def _rss() -> int | None:
         return None
 
 
+def _cpu_times(stat_text: str) -> tuple[int, int]:
+    """``(busy, total)`` clock ticks of all cores from the text of ``/proc/stat``: user, nice,
+    system, idle, iowait, irq, softirq and steal (the guest columns are counted in user and
+    nice already); idle and iowait count as not busy."""
+    values = [int(v) for v in stat_text.splitlines()[0].split()[1:9]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    return sum(values) - idle, sum(values)
+
+
+def busy_cores(before: str, after: str, cores: int) -> float:
+    """How many of ``cores`` were busy between two readings of ``/proc/stat``."""
+    (busy0, total0), (busy1, total1) = _cpu_times(before), _cpu_times(after)
+    return cores * (busy1 - busy0) / max(total1 - total0, 1)
+
+
+def free_threads(default: int, seconds: float = 1.0) -> tuple[int, Optional[float]]:
+    """Intra-op threads for the timed processes on the CPU: ``default``, but no more than the
+    cores other work leaves free over the next ``seconds`` (Linux ``/proc/stat``), so that no
+    thread of a step waits for a core another program holds (two threads that wait on each
+    other make the ratios follow the other program's load); also the busy cores seen (None
+    where they cannot be read)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        with open("/proc/stat") as stat:
+            before = stat.read()
+        time.sleep(seconds)
+        with open("/proc/stat") as stat:
+            after = stat.read()
+    except OSError:
+        return default, None
+    busy = busy_cores(before, after, os.cpu_count() or cores)
+    return max(1, min(default, round(cores - busy))), busy
+
+
 class _PeakRss:
     """Samples the resident set size in a thread while the block runs."""
 

@@ -8,6 +8,7 @@ import torch
 
 from bench import __main__ as bench
 from bench import batched
+from bench.measure import busy_cores
 from bench.cases import BUILDERS, TINY
 from bench.measure import Session
 from bench.rounds import PASSES, STEP, schedule, summarise
@@ -132,6 +133,15 @@ def test_the_batched_detection_case_runs_the_task_step_with_its_strengths_joined
         case = batched.detection(mode, torch.device("cpu"), overrides)
         assert torch.isfinite(case.step()) and case.passes == {}
         assert ("strengths joined" in case.description) == (mode == "batched")
+
+
+def test_busy_cores_from_two_readings_of_proc_stat():
+    """Between the readings 370 ticks passed; 150 of them busy (user, nice, system, irq, softirq,
+    steal), 220 idle or waiting for I/O; the guest column is part of user already."""
+    before = "cpu  100 0 50 800 50 0 0 0 20 0\ncpu0 1 2 3 4\n"
+    after = "cpu  200 10 70 1010 60 5 5 10 60 0\ncpu0 1 2 3 4\n"
+    assert busy_cores(before, after, 4) == pytest.approx(4 * 150 / 370)
+    assert busy_cores(before, before, 4) == 0
 
 
 def test_command_line_writes_the_table_and_csv(tmp_path, capsys):
