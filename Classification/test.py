@@ -38,11 +38,11 @@ def layout(args) -> torch.memory_format:
 
 
 def load(args, cfg, splits, device):
-    model = load_model(args.checkpoint, name=args.model, num_classes=splits.num_classes)
-    return model.to(device, memory_format=layout(args))
+    return load_model(args.checkpoint, name=args.model, num_classes=splits.num_classes).to(device)
 
 
 def score(args, cfg, splits, model, device) -> dict:
+    # The plain model of load() or, for --pgd-bn aux, the run's own (test_main): this script's layout.
     model = model.to(memory_format=layout(args))
 
     def accuracy(data, predict=None) -> dict:

@@ -147,15 +147,9 @@ def afan_step(model, images: list[Tensor], targets: Targets, cfg: AfanConfig) ->
     shared = {**feats, at: h if cfg.se_trains_head else h.detach()}
     names = list(shared)
 
-    def strength_loss(i):
-        def loss(*inputs):
-            inputs = dict(zip(names, inputs))
-            feature = afan.mixed_strength(inputs[at], h_adv, i, cfg.mask)
-            return total_loss(tail(model, {**inputs, at: feature}, at, image_list, targets))
-        return loss
-
     passes = ([_joined_strengths(model, names, at, h_adv, cfg, image_list, targets)] if cfg.batched
-              else [strength_loss(i) for i in range(1, cfg.n + 1)])
+              else [_strength_tail(model, names, at, h_adv, i, cfg.mask, image_list, targets)
+                    for i in range(1, cfg.n + 1)])
     with afan.use_aux_bn(model, enabled=cfg.aux_bn):
         strengths_loss, values = afan.backward_each([shared[k] for k in names], passes, model.parameters())
     if cfg.batched:
@@ -194,12 +188,14 @@ def _joined_strengths(model, names: list[str], at: str, h_adv: Tensor, cfg: Afan
     return loss
 
 
-def _adversarial_tail(model, names: list[str], at: str, h_adv: Tensor, mix: str, image_list, targets: Targets):
-    """The loss of the tail on ``h_adv`` (re-normalised to the clean statistics where ``mix``
-    is "1"), as a function of the shared features named ``names`` (for ``afan.backward_each``)."""
+def _strength_tail(model, names: list[str], at: str, h_adv: Tensor, i: int, mask: str, image_list,
+                   targets: Targets):
+    """The loss of the tail on strength ``i`` of ``len(mask)`` between the clean feature and
+    ``h_adv`` (re-normalised to the adversarial statistics where ``mask[i - 1]`` is "1"), as a
+    function of the shared features named ``names`` (for ``afan.backward_each``)."""
     def loss(*inputs):
         inputs = dict(zip(names, inputs))
-        feature = afan.mixed_strength(inputs[at], h_adv, 1, mix)
+        feature = afan.mixed_strength(inputs[at], h_adv, i, mask)
         return total_loss(tail(model, {**inputs, at: feature}, at, image_list, targets))
     return loss
 
@@ -235,7 +231,7 @@ def multi_layer_step(model, images: list[Tensor], targets: Targets, cfg: AfanCon
         h_adv = se_attack(model, feats, at, image_list, targets, cfg, gamma=m.gammas[k], eps=m.eps[k])
         perturbations.append((h_adv - h.detach()).flatten(1))
         shared = {**feats, at: h if cfg.se_trains_head else h.detach()}
-        stage_loss = _adversarial_tail(model, list(shared), at, h_adv, m.mask[k], image_list, targets)
+        stage_loss = _strength_tail(model, list(shared), at, h_adv, 1, m.mask[k], image_list, targets)
         total, (terms[f"loss_{at}"],) = afan.backward_each(list(shared.values()), [stage_loss], model.parameters())
         loss = loss + m.weights[k + 1] * total
 

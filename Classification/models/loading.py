@@ -22,7 +22,6 @@ from .registry import MODEL_NAMES, create_model, model_class
 from .release import convert_release_state_dict, is_release_state_dict
 
 
-
 def checkpoint_payload(model: nn.Module) -> dict:
     """What training scripts save and ``load_model`` reads back. The input normalisation is
     recorded because it is not in the state dict and need not be the name's default
